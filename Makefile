@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make study` and `make test`.
+# Each creates .venv on first use (torch==2.14.1 torchvision==0.29.1 + bnlib with its extras).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bnlib-installed
+PRESET ?= quick
+export PYTHONUNBUFFERED := 1
+export MPLBACKEND := Agg
+
+.PHONY: venv study test lab bench clean-outputs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[lab,test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, bnlib, papermill, seaborn; print('bnlib', bnlib.__version__, 'torch', torch.__version__)"
+	@touch $@
+
+# The main job: every study at the quick preset, the summary, and the HTML report.
+study: $(STAMP)
+	$(PY) -m bnlib study all --preset $(PRESET)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# JupyterLab on notebooks/, with this environment's Python as the kernel.
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+clean-outputs:
+	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

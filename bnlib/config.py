@@ -1,0 +1,246 @@
+"""The run config: every parameter of a run, its type, default, accepted values and meaning.
+
+One place for defaults. The `parameters` cell of notebooks/run.ipynb carries the same names
+and values (a test checks that they agree), the CLI flags are generated from this table, and
+`validate()` checks a parameter set once, before any data is loaded or anything is written,
+with messages that name the parameter, the bad value and what is accepted.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from .models import CONV_INITS, INPUT_NORMS, parse_arch
+from .norms import NORMS, norm_names
+
+__all__ = ["RunConfig", "ConfigError", "validate", "resolve_device", "resolve_precision",
+           "cpu_has_native_bf16", "IDENTITY_EXCLUDED", "param_help"]
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+DATASET_NAMES = ("synthetic", "cifar10", "cifar100")
+TRAIN_POOL = {"cifar10": 50000, "cifar100": 50000}
+
+
+def _p(default, help, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, nullable=False):
+    """A RunConfig field: default, help text, accepted choices (or a callable giving them) and
+    range [lo, hi] (open at an end when lo_open/hi_open)."""
+    md = dict(help=help, choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, nullable=nullable)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass
+class RunConfig:
+    # --- model -------------------------------------------------------------------------------
+    norm: str = _p("bn", "normalization layer (bnlib.norms registry)", choices=norm_names)
+    arch: str = _p("resnet18", "resnet18/34/50/101/152 (torchvision tables) or resnet{6n+2} (CIFAR family)")
+    width: float = _p(0.25, "channel width multiplier (1.0 = the paper's widths)", lo=0, lo_open=True)
+    stem: str = _p("cifar", "'cifar': 3x3/1 conv, no max-pool; 'imagenet': 7x7/2 + max-pool",
+                   choices=("cifar", "imagenet"))
+    gamma0: float = _p(1.0, "initial γ of every norm that has one (P2 recommends 0.1)")
+    zero_init_last_gamma: bool = _p(False, "γ=0 for the last norm of each residual branch")
+    residual_gain: bool = _p(False, "P5 SkipInit: scalar α at the end of each residual branch")
+    alpha0: float = _p(0.0, "initial α of the residual gains (SkipInit: 0)")
+    alpha_learnable: bool = _p(True, "α learned (True) or fixed (P5 ablation)")
+    conv_init: str = _p("kaiming_fan_in", "conv weight init", choices=CONV_INITS)
+    input_norm: str = _p("dataset", "'dataset': true mean/std; 'raw': [0,1] pixels; 'bn': P2 online BN",
+                         choices=INPUT_NORMS)
+    bn_eps: float = _p(1e-5, "ε of batch-statistics norms", lo=0, lo_open=True)
+    bn_momentum: float = _p(0.1, "running-stat momentum: r <- (1-m)·r + m·stat", lo=0, hi=1)
+    # --- data --------------------------------------------------------------------------------
+    dataset: str = _p("synthetic", "embedded synthetic set, or CIFAR through torchvision",
+                      choices=DATASET_NAMES)
+    data_dir: str = _p("~/data", "where CIFAR files are (or are downloaded to)")
+    download: bool = _p(True, "try to download CIFAR when absent")
+    synthetic_size: int = _p(20000, "training-pool size of the synthetic set (test: a fifth)", lo=10)
+    n_train: int = _p(None, "cap on training images after the validation split (None: all)",
+                      lo=1, nullable=True)
+    n_test: int = _p(None, "cap on test images (None: all)", lo=1, nullable=True)
+    val_fraction: float = _p(0.1, "stratified validation split carved from train", lo=0, hi=1,
+                             lo_open=True, hi_open=True)
+    data_seed: int = _p(0, "seed of the synthetic data and of the splits (not of training)", lo=0)
+    crop_pad: int = _p(4, "random-crop padding in pixels (0: no crop)", lo=0, hi=16)
+    flip: bool = _p(True, "random horizontal flip")
+    # --- optimization ------------------------------------------------------------------------
+    optimizer: str = _p("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = _p(0.1, "base learning rate (weights); groups scale it", lo=0, lo_open=True)
+    momentum: float = _p(0.9, "SGD momentum / AdamW β1", lo=0, hi=1, hi_open=True)
+    nesterov: bool = _p(False, "Nesterov momentum (SGD)")
+    weight_decay: float = _p(5e-4, "weight decay on conv/linear weights", lo=0)
+    gamma_lr_mult: float = _p(1.0, "lr multiplier for norm scales γ and residual gains α (P2: 1/c)",
+                              lo=0, lo_open=True)
+    gamma_wd: float = _p(0.0, "weight decay on γ and α", lo=0)
+    bias_lr_mult: float = _p(1.0, "lr multiplier for biases (norm β, classifier bias)", lo=0, lo_open=True)
+    bias_wd: float = _p(0.0, "weight decay on biases", lo=0)
+    schedule: str = _p("cosine", "lr schedule, per step", choices=SCHEDULES)
+    final_lr_frac: float = _p(0.0, "cosine: final lr as a fraction of the start lr", lo=0, hi=1)
+    step_milestones: list = _p([0.5, 0.75], "step: fractions of training where lr drops")
+    step_gamma: float = _p(0.1, "step: lr factor at each milestone", lo=0, lo_open=True)
+    warmup_epochs: float = _p(0.0, "linear warm-up from 0, in epochs", lo=0)
+    label_smoothing: float = _p(0.0, "cross-entropy label smoothing", lo=0, hi=1, hi_open=True)
+    batch_size: int = _p(128, "training batch size", lo=1)
+    epochs: int = _p(2, "training epochs", lo=1)
+    # --- run ---------------------------------------------------------------------------------
+    seed: int = _p(0, "training seed (init, order, augmentation)", lo=0)
+    device: str = _p("auto", "'auto' (cuda > mps > cpu), or a torch device like 'cpu', 'cuda:0'")
+    precision: str = _p("auto", "'auto': bf16 autocast on CUDA / CPUs with native bf16, else fp32",
+                        choices=PRECISIONS)
+    channels_last: bool = _p(True, "channels_last memory format for model and inputs")
+    compile: bool = _p(False, "torch.compile the model (~50 s compile on CPU, little gain there)")
+    diverge_factor: float = _p(10.0, "diverged when loss > factor × initial loss (or non-finite)",
+                               lo=1, lo_open=True)
+    log_every: int = _p(10, "record loss, lr and grad norm every k steps", lo=1)
+    eval_batch_size: int = _p(1000, "batch size for validation/test evaluation", lo=1)
+    out_dir: str = _p("outputs/runs", "where run directories are written")
+    progress: bool = _p(True, "show a progress bar")
+
+
+# Parameters that do not change what a run computes: left out of its identity (run id).
+IDENTITY_EXCLUDED = ("out_dir", "progress", "data_dir", "download")
+
+
+class ConfigError(ValueError):
+    """A bad parameter set; the message lists every problem, one line each."""
+
+
+def param_help() -> dict[str, str]:
+    return {f.name: f.metadata["help"] for f in fields(RunConfig)}
+
+
+def _typename(t) -> str:
+    return {"str": "a string", "float": "a number", "int": "an integer", "bool": "true/false",
+            "list": "a list of numbers"}[t]
+
+
+def _check_field(f, v) -> str | None:
+    """Return an error line for value v of field f, or None. Types are strict: no silent
+    coercion of strings to numbers, no bools as numbers."""
+    md, t = f.metadata, f.type
+    if v is None:
+        return None if md["nullable"] else f"{f.name}={v!r}: must be {_typename(t)}"
+    ok = {"str": isinstance(v, str),
+          "bool": isinstance(v, bool),
+          "int": isinstance(v, int) and not isinstance(v, bool),
+          "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+          "list": isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}[t]
+    if not ok:
+        return f"{f.name}={v!r} ({type(v).__name__}): must be {_typename(t)}" + \
+            (" or None" if md["nullable"] else "")
+    choices = md["choices"]() if callable(md["choices"]) else md["choices"]
+    if choices is not None and v not in choices:
+        return f"{f.name}={v!r}: not a valid choice; valid choices: {list(choices)}"
+    if t in ("int", "float"):
+        if v != v or v in (float("inf"), float("-inf")):
+            return f"{f.name}={v!r}: must be a finite number"
+        lo, hi = md["lo"], md["hi"]
+        if lo is not None and (v <= lo if md["lo_open"] else v < lo) or \
+                hi is not None and (v >= hi if md["hi_open"] else v > hi):
+            lo_s = "" if lo is None else f"{'>' if md['lo_open'] else '>='} {lo}"
+            hi_s = "" if hi is None else f"{'<' if md['hi_open'] else '<='} {hi}"
+            return f"{f.name}={v!r}: out of range; must be {' and '.join(s for s in (lo_s, hi_s) if s)}"
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512_BF16 or AMX-BF16). bf16 autocast
+    roughly doubles conv throughput there, but runs 10-500x slower on CPUs that emulate it."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln for ln in fh if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def _check_device(device: str) -> str | None:
+    if device == "auto":
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"device={device!r}: not a torch device; valid choices: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"device={device!r}: CUDA is not available on this machine; use 'auto' or 'cpu'"
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return f"device={device!r}: MPS is not available on this machine; use 'auto' or 'cpu'"
+    elif d.type != "cpu":
+        return f"device={device!r}: valid choices: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+    return None
+
+
+def validate(params: dict[str, Any] | None = None, **kw) -> dict[str, Any]:
+    """Check a parameter set and return the full config (defaults filled in, device and
+    precision resolved). Raises ConfigError listing every problem. Nothing is touched on disk."""
+    params = {**(params or {}), **kw}
+    known = {f.name: f for f in fields(RunConfig)}
+    errors = [f"unknown parameter {k!r}; valid parameters: {sorted(known)}" for k in params if k not in known]
+    cfg = {**{k: v for k, v in RunConfig().__dict__.items()}, **{k: v for k, v in params.items() if k in known}}
+    for name, f in known.items():
+        if (e := _check_field(f, cfg[name])) is not None:
+            errors.append(e)
+    bad = {e.split("=")[0] for e in errors}
+    if "arch" not in bad:
+        try:
+            parse_arch(cfg["arch"])
+        except ValueError as e:
+            errors.append(str(e))
+    if "device" not in bad and (e := _check_device(cfg["device"])):
+        errors.append(e)
+    if not bad & {"norm", "zero_init_last_gamma"} and cfg["zero_init_last_gamma"] and not NORMS[cfg["norm"]].has_gamma:
+        errors.append(f"zero_init_last_gamma=True: norm={cfg['norm']!r} has no γ; valid norms for it: "
+                      f"{[k for k, s in NORMS.items() if s.has_gamma]}")
+    if not bad & {"norm", "batch_size"} and NORMS[cfg["norm"]].batch_stats and cfg["batch_size"] < 2:
+        errors.append(f"batch_size={cfg['batch_size']}: norm={cfg['norm']!r} uses batch statistics and "
+                      f"needs batch_size >= 2")
+    if not bad & {"step_milestones"} and any(not 0 < m < 1 for m in cfg["step_milestones"]):
+        errors.append(f"step_milestones={cfg['step_milestones']!r}: each must be a fraction in (0, 1)")
+    if not bad & {"dataset", "synthetic_size", "val_fraction", "n_train", "batch_size"}:
+        pool = cfg["synthetic_size"] if cfg["dataset"] == "synthetic" else TRAIN_POOL[cfg["dataset"]]
+        n = round(pool * (1 - cfg["val_fraction"]))
+        n = min(n, cfg["n_train"]) if cfg["n_train"] is not None else n
+        if cfg["batch_size"] > n:
+            errors.append(f"batch_size={cfg['batch_size']}: larger than the {n} training images "
+                          f"(dataset={cfg['dataset']!r}, n_train={cfg['n_train']}, "
+                          f"val_fraction={cfg['val_fraction']}); must be <= {n}")
+    if errors:
+        raise ConfigError("invalid run parameters:\n  - " + "\n  - ".join(errors))
+    cfg["step_milestones"] = [float(m) for m in cfg["step_milestones"]]
+    for name, f in known.items():  # ints given for floats are stored as floats (stable run ids)
+        if f.type == "float" and cfg[name] is not None:
+            cfg[name] = float(cfg[name])
+    dev = resolve_device(cfg["device"])
+    cfg["device"] = str(dev)
+    cfg["precision"] = resolve_precision(cfg["precision"], dev)
+    cfg["out_dir"] = os.fspath(cfg["out_dir"])
+    return cfg

@@ -1,0 +1,81 @@
+"""Seaborn figures over the tidy tables of `load_runs` (one run or many).
+
+Every function takes DataFrames as `load_runs` returns them and a `hue` column (the word the
+user typed: norm, gamma0, ...), and returns the matplotlib Figure; notebooks only call these.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+__all__ = ["curves", "norm_drift", "norm_final_distribution"]
+
+
+def _theme():
+    sns.set_theme(style="whitegrid", context="notebook")
+
+
+def curves(epochs: pd.DataFrame, steps: pd.DataFrame | None = None, hue: str = "norm",
+           errorbar=("pi", 100)):
+    """Loss and accuracy per epoch (train/val/test), plus per-step loss and gradient norm.
+    Across seeds the line is the mean and the band the min-max spread."""
+    _theme()
+    ncols = 4 if steps is not None and len(steps) else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.4))
+    long = epochs.melt(id_vars=["epoch", hue, "run_id"] if hue != "run_id" else ["epoch", "run_id"],
+                       value_vars=["train_loss", "val_loss", "test_loss"], var_name="split", value_name="loss")
+    long["split"] = long["split"].str.replace("_loss", "")
+    sns.lineplot(long, x="epoch", y="loss", hue=hue, style="split", errorbar=errorbar, ax=axes[0], marker="o")
+    axes[0].set_title("loss per epoch")
+    acc = epochs.melt(id_vars=["epoch", hue, "run_id"] if hue != "run_id" else ["epoch", "run_id"],
+                      value_vars=["train_acc", "val_acc", "test_acc"], var_name="split", value_name="accuracy")
+    acc["split"] = acc["split"].str.replace("_acc", "")
+    sns.lineplot(acc, x="epoch", y="accuracy", hue=hue, style="split", errorbar=errorbar, ax=axes[1],
+                 marker="o", legend=False)
+    axes[1].set_title("accuracy per epoch")
+    if ncols == 4:
+        sns.lineplot(steps, x="step", y="loss", hue=hue, errorbar=errorbar, ax=axes[2], legend=False)
+        axes[2].set_yscale("log")
+        axes[2].set_title("train loss per logged step")
+        sns.lineplot(steps, x="step", y="grad_norm", hue=hue, errorbar=errorbar, ax=axes[3], legend=False)
+        axes[3].set_yscale("log")
+        axes[3].set_title("gradient norm")
+    fig.tight_layout()
+    return fig
+
+
+def norm_drift(norm_params: pd.DataFrame, hue: str = "norm", stat: str = "mean_abs_delta"):
+    """P2's γ/β drift: mean |Δ| from the initial values per layer (x: depth) over epochs
+    (colour), one panel per parameter kind (γ, β, α)."""
+    _theme()
+    kinds = [k for k in ("gamma", "beta", "alpha") if k in set(norm_params["param"])]
+    if not kinds:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.text(0.5, 0.5, "no γ/β/α in this network (e.g. norm=bn_minus or none)", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        d = norm_params[norm_params["param"] == kind]
+        sns.lineplot(d, x="depth", y=stat, hue="epoch", style=hue if d[hue].nunique() > 1 else None,
+                     palette="viridis", ax=ax, errorbar=None)
+        ax.set_title(f"{kind}: {stat} by layer depth")
+    fig.tight_layout()
+    return fig
+
+
+def norm_final_distribution(norm_params: pd.DataFrame, hue: str = "norm"):
+    """Per-layer mean γ and β at the last epoch, against their initial values (P1, P2)."""
+    _theme()
+    last = norm_params[norm_params["epoch"] == norm_params.groupby("run_id")["epoch"].transform("max")]
+    kinds = [k for k in ("gamma", "beta") if k in set(last["param"])]
+    if not kinds:
+        return norm_drift(norm_params, hue)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        d = last[last["param"] == kind]
+        sns.histplot(d, x="mean", hue=hue, ax=ax, element="step", stat="density", common_norm=False)
+        ax.set_title(f"final per-layer mean {kind}")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,189 @@
+"""Run records: one directory per run, named by a deterministic id of its resolved parameters.
+
+    outputs/runs/<run_id>/
+      config.json         every resolved parameter + provenance
+      status.json         running | completed | diverged | failed, timings, headline metrics
+      epochs.parquet      per epoch: lr_now, train/val/test loss and accuracy, seconds
+      steps.parquet       every `log_every` steps: loss, lr_now, gradient norm
+      norm_params.parquet per epoch (0 = init) per norm layer / residual gain: γ, β, α stats
+
+Every file is written atomically (temp file in the same folder, then os.replace), so a reader
+never sees half a file. `load_runs(path)` gathers all runs under a path into tidy DataFrames.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import IDENTITY_EXCLUDED
+
+__all__ = ["run_id", "provenance", "RunDir", "Runs", "load_runs", "atomic_write", "STATUSES"]
+
+STATUSES = ("running", "completed", "diverged", "failed")
+TABLES = ("epochs", "steps", "norm_params")
+
+
+def run_id(cfg: dict) -> str:
+    """Readable prefix + hash of every parameter that changes what the run computes (device
+    by type only: cuda:0 and cuda:1 compute the same run)."""
+    ident = {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
+    ident["device"] = torch.device(cfg["device"]).type
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg['norm']}-{cfg['arch']}-bs{cfg['batch_size']}-lr{cfg['lr']:g}-s{cfg['seed']}-{digest}"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) if sha else None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for ln in fh:
+                    if ln.startswith("model name"):
+                        return ln.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "cpu"
+    return device.type
+
+
+def provenance(cfg: dict) -> dict:
+    import numpy
+    import torchvision
+
+    from . import __version__
+
+    dev = torch.device(cfg["device"])
+    return {"bnlib_version": __version__, "git_commit": _git_commit(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__, "pandas": pd.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(dev), "device_name": _device_name(dev), "precision": cfg["precision"],
+            "threads": torch.get_num_threads(), "hostname": platform.node(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class RunDir:
+    """The folder of one run; every write is atomic."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def write_json(self, name: str, obj: dict) -> None:
+        atomic_write(self.path / f"{name}.json", json.dumps(obj, indent=1, default=str).encode())
+
+    def read_json(self, name: str) -> dict:
+        return json.loads((self.path / f"{name}.json").read_text())
+
+    def write_table(self, name: str, rows: list[dict] | pd.DataFrame) -> None:
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, self.path / f"{name}.parquet")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def status(self) -> dict | None:
+        try:
+            return self.read_json("status")
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass
+class Runs:
+    """All runs under a path. `runs`: one row per run (config + status + headline metrics);
+    `epochs`, `steps`, `norm_params`: tidy tables, each row carrying its run's config columns.
+    `skipped`: (run directory, reason) for every folder that could not be read."""
+
+    runs: pd.DataFrame
+    epochs: pd.DataFrame
+    steps: pd.DataFrame
+    norm_params: pd.DataFrame
+    skipped: list = field(default_factory=list)
+
+
+def _flat_status(st: dict) -> dict:
+    out = {k: v for k, v in st.items() if not isinstance(v, dict)}
+    for sub in ("metrics", "data_sizes"):
+        out.update(st.get(sub) or {})
+    return out
+
+
+def load_runs(path="outputs/runs", statuses=("completed", "diverged")) -> Runs:
+    """Read every run directory under `path` (searched recursively for config.json). Runs whose
+    status is not in `statuses` (e.g. still running, or failed) or whose files cannot be read
+    are left out and listed in `.skipped` with the reason."""
+    rows, tables, skipped = [], {t: [] for t in TABLES}, []
+    for cfg_path in sorted(Path(path).rglob("config.json")):
+        rd = RunDir(cfg_path.parent)
+        try:
+            conf = rd.read_json("config")
+            st = rd.read_json("status")
+        except (OSError, ValueError) as e:
+            skipped.append((str(rd.path), f"unreadable config/status: {e}"))
+            continue
+        if st.get("status") not in statuses:
+            skipped.append((str(rd.path), f"status {st.get('status')!r}"))
+            continue
+        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.get("params", {}).items()}
+        try:
+            frames = {t: pd.read_parquet(rd.path / f"{t}.parquet") for t in TABLES}
+        except Exception as e:  # noqa: BLE001 — any unreadable table excludes the run
+            skipped.append((str(rd.path), f"unreadable table: {type(e).__name__}: {e}"))
+            continue
+        rows.append({"run_id": rd.id, **params, **_flat_status(st)})
+        for t, df in frames.items():
+            tables[t].append(df.assign(run_id=rd.id))
+    runs = pd.DataFrame(rows)
+
+    def join(t):
+        if not tables[t]:
+            return pd.DataFrame()
+        df = pd.concat(tables[t], ignore_index=True)
+        # a table's own column wins over a run-level one of the same name (none by design)
+        return df.merge(runs.drop(columns=[c for c in runs if c in df and c != "run_id"]), on="run_id", how="left")
+
+    return Runs(runs, join("epochs"), join("steps"), join("norm_params"), skipped)

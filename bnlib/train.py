@@ -1,0 +1,304 @@
+"""The training loop: one function that reads top to bottom, small pure helpers around it.
+
+`run(params)` validates the parameters, makes the run directory, trains, and writes the
+records (bnlib.records) after every epoch. A diverging run is a result: it stops, and its
+status says `diverged` with the step. Data lives on the device (bnlib.data); the step has no
+host synchronisation except every `log_every` steps, where the logged losses are read back
+once to check for divergence.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import validate
+from .data import augment, load_data, steps_per_epoch, to_input
+from .models import create_model
+from .norms import Affine2d
+from .records import RunDir, provenance, run_id
+
+__all__ = ["run", "train", "lr_at", "param_groups", "NormTracker", "build_model", "RunResult"]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def build_model(cfg: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes: int = 10):
+    keys = ("norm", "gamma0", "width", "stem", "zero_init_last_gamma", "residual_gain", "alpha0",
+            "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum")
+    return create_model(cfg["arch"], num_classes=num_classes, input_mean=mean, input_std=std,
+                        **{k: cfg[k] for k in keys})
+
+
+def param_groups(model: torch.nn.Module, cfg: dict) -> list[dict]:
+    """Three groups, each with its own lr multiplier and weight decay (P2 Sec. 3.2):
+    'scale' = norm γ and SkipInit α; 'bias' = norm β and all biases; 'weight' = conv/linear
+    weights. By default only weights are decayed: decay on γ/β is a confound in BN studies."""
+    scale_ids = set()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, Affine2d)) and getattr(m, "weight", None) is not None:
+            scale_ids.add(id(m.weight))
+    scale_ids |= {id(p) for _, p in model.residual_gains()}
+    groups = {"scale": [], "bias": [], "weight": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "scale" if id(p) in scale_ids else "bias" if p.ndim <= 1 else "weight"
+        groups[kind].append(p)
+    lr = cfg["lr"]
+    spec = {"scale": (lr * cfg["gamma_lr_mult"], cfg["gamma_wd"]),
+            "bias": (lr * cfg["bias_lr_mult"], cfg["bias_wd"]),
+            "weight": (lr, cfg["weight_decay"])}
+    return [{"name": k, "params": ps, "lr": spec[k][0], "weight_decay": spec[k][1]}
+            for k, ps in groups.items() if ps]
+
+
+def lr_at(step: int, total: int, cfg: dict, steps_per_epoch: int) -> float:
+    """Multiplier of each group's start lr at `step` (0-based): linear warm-up, then constant,
+    step or cosine (to final_lr_frac). Every group is annealed from its own start lr."""
+    warm = round(cfg["warmup_epochs"] * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)  # progress after warm-up in [0, 1)
+    if cfg["schedule"] == "constant":
+        return 1.0
+    if cfg["schedule"] == "step":
+        return cfg["step_gamma"] ** sum(t >= m for m in cfg["step_milestones"])
+    f = cfg["final_lr_frac"]
+    return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_optimizer(groups, cfg):
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["momentum"], 0.999))
+
+
+class NormTracker:
+    """γ/β drift (P2 Sec. 3: after standard training γ and β barely move from 1 and 0): per
+    norm layer and residual gain, summary statistics and mean |Δ| from the initial values."""
+
+    def __init__(self, model):
+        self.params = []  # (depth index, layer name, kind, parameter)
+        for i, (name, m) in enumerate(model.norm_layers()):
+            for kind, attr in (("gamma", "weight"), ("beta", "bias")):
+                p = getattr(m, attr, None)
+                if isinstance(p, torch.Tensor):
+                    self.params.append((i, name, kind, p))
+        for j, (name, p) in enumerate(model.residual_gains()):
+            self.params.append((j, name, "alpha", p))
+        self.init = [p.detach().float().clone() for *_, p in self.params]
+
+    @torch.no_grad()
+    def snapshot(self, epoch: int) -> list[dict]:
+        if not self.params:
+            return []
+        ps = [p.detach().float() for *_, p in self.params]
+        # one stacked transfer instead of 6 .item() calls per layer
+        stats = torch.stack([torch.stack([p.mean(), p.std() if p.numel() > 1 else p.new_zeros(()),
+                                          p.min(), p.max(), (p - p0).abs().mean()])
+                             for p, p0 in zip(ps, self.init)]).cpu().tolist()
+        return [{"epoch": epoch, "depth": i, "layer": name, "param": kind, "mean": s[0], "std": s[1],
+                 "min": s[2], "max": s[3], "mean_abs_delta": s[4]}
+                for (i, name, kind, _), s in zip(self.params, stats)]
+
+
+@torch.no_grad()
+def evaluate(model, x_u8, y, cfg, autocast) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode (BN uses running statistics)."""
+    model.eval()
+    loss = torch.zeros((), device=y.device)
+    correct = torch.zeros((), device=y.device, dtype=torch.long)
+    for s in range(0, len(y), cfg["eval_batch_size"]):
+        xb, yb = to_input(x_u8[s:s + cfg["eval_batch_size"]], cfg["channels_last"]), y[s:s + cfg["eval_batch_size"]]
+        with autocast():
+            out = model(xb).float()
+        loss += F.cross_entropy(out, yb, reduction="sum")
+        correct += (out.argmax(1) == yb).sum()
+    model.train()
+    n = max(1, len(y))
+    return loss.item() / n, correct.item() / n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress_kwargs() -> dict:
+    # Under papermill/Jupyter stderr is not a terminal: refresh rarely so the executed notebook
+    # holds one bar, not a line per step.
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return {"mininterval": 0.5 if tty else 15.0, "file": sys.stderr, "dynamic_ncols": tty, "ascii": not tty}
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+def train(cfg: dict, rd: RunDir | None = None) -> dict:
+    """Train one resolved config; write records to `rd` after every epoch. Returns the status."""
+    device = torch.device(cfg["device"])
+    seed_everything(cfg["seed"])
+    data = load_data(cfg, device)
+    model = build_model(cfg, data.mean, data.std, data.num_classes).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(param_groups(model, cfg), cfg)
+    spe = steps_per_epoch(len(data.y_train), cfg["batch_size"])
+    total = spe * cfg["epochs"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, cfg, spe))
+    fwd = torch.compile(model) if cfg["compile"] else model
+    use_bf16 = cfg["precision"] == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # order + augmentation
+    tracker = NormTracker(model)
+    epochs, steps, norms = [], [], tracker.snapshot(0)
+    status = {"status": "running", "diverged_step": None}
+    init_loss, step, t_start = None, 0, time.perf_counter()
+    bar = tqdm(total=total, desc=cfg.get("_desc", "train"), disable=not cfg["progress"], **_progress_kwargs())
+    recent = []  # per-step loss tensors since the last host read (checked for divergence)
+
+    def read_back(step, epoch, lr, gnorm):
+        """One host read every `log_every` steps: log this step, check every recent step."""
+        nonlocal init_loss
+        vals = torch.stack([*recent, gnorm]).float().cpu().tolist()
+        losses, g = vals[:-1], vals[-1]
+        first = step - len(losses) + 1
+        init_loss = losses[0] if init_loss is None else init_loss
+        steps.append({"step": step, "epoch": epoch, "loss": losses[-1], "loss_window_mean": sum(losses) / len(losses),
+                      "lr_now": lr, "grad_norm": g})
+        recent.clear()
+        bad = [first + j for j, v in enumerate(losses) if not math.isfinite(v) or v > cfg["diverge_factor"] * init_loss]
+        return (bad[0] if bad else None), losses[-1]
+
+    model.train()
+    for epoch in range(1, cfg["epochs"] + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(data.y_train), device=device, generator=gen)
+        train_loss = torch.zeros((), device=device)
+        train_correct = torch.zeros((), device=device, dtype=torch.long)
+        for i in range(spe):
+            idx = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
+            x = to_input(augment(data.x_train[idx], cfg["crop_pad"], cfg["flip"], gen), cfg["channels_last"])
+            y = data.y_train[idx]
+            with autocast():
+                out = fwd(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            log_now = step % cfg["log_every"] == 0 or i == spe - 1
+            if log_now:  # total gradient norm, before the step that uses it
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                lr_now = opt.param_groups[-1]["lr"]
+            opt.step()
+            sched.step()
+            recent.append(loss.detach())
+            train_loss += loss.detach()
+            train_correct += (out.argmax(1) == y).sum()
+            step += 1
+            bar.update(1)
+            if log_now:
+                bad_step, last = read_back(step - 1, epoch, lr_now, gnorm)
+                bar.set_postfix(epoch=epoch, loss=f"{last:.3f}", refresh=False)
+                if bad_step is not None:
+                    status.update(status="diverged", diverged_step=bad_step)
+                    break
+        seconds = time.perf_counter() - t0
+        n_seen = (i + 1) * cfg["batch_size"]
+        val_loss, val_acc = evaluate(fwd, data.x_val, data.y_val, cfg, autocast)
+        test_loss, test_acc = evaluate(fwd, data.x_test, data.y_test, cfg, autocast)
+        epochs.append({"epoch": epoch, "step": step, "lr_now": opt.param_groups[-1]["lr"],
+                       "train_loss": train_loss.item() / (i + 1), "train_acc": train_correct.item() / n_seen,
+                       "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+                       "seconds": seconds, "img_per_s": n_seen / seconds})
+        norms += tracker.snapshot(epoch)
+        if rd is not None:
+            _write_tables(rd, epochs, steps, norms)
+        bar.set_postfix(epoch=epoch, loss=f"{epochs[-1]['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
+        if status["status"] == "diverged":
+            break
+    bar.close()
+    if status["status"] == "running":
+        status["status"] = "completed"
+    status["metrics"] = headline(epochs)
+    status["total_seconds"] = time.perf_counter() - t_start
+    status["data_sizes"] = data.sizes()
+    return status
+
+
+def headline(epochs: list[dict]) -> dict:
+    """Best validation accuracy and the test accuracy *at that epoch* (model selection on
+    validation, never on test), plus final losses."""
+    finite = [e for e in epochs if math.isfinite(e["val_acc"])]
+    if not finite:
+        return {}
+    best = max(finite, key=lambda e: e["val_acc"])
+    last = epochs[-1]
+    return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
+            "final_train_loss": last["train_loss"], "final_val_loss": last["val_loss"],
+            "final_test_acc": last["test_acc"], "epochs_run": last["epoch"]}
+
+
+def _write_tables(rd: RunDir, epochs, steps, norms) -> None:
+    rd.write_table("epochs", epochs)
+    rd.write_table("steps", steps)
+    rd.write_table("norm_params", norms if norms else
+                   {"epoch": [], "depth": [], "layer": [], "param": [], "mean": [], "std": [], "min": [],
+                    "max": [], "mean_abs_delta": []})
+
+
+class RunResult(dict):
+    """status.json contents plus `run_dir`; returned by `run()`."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self["run_dir"])
+
+
+def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
+    """Validate, make the run directory, train, record. A completed or diverged run that is
+    already on disk is returned as it is unless `rerun`. Bad parameters raise ConfigError
+    before anything is written."""
+    cfg = validate(params, **kw)
+    rid = run_id(cfg)
+    rd = RunDir(Path(cfg["out_dir"]).expanduser() / rid)
+    old = rd.status() if rd.path.exists() else None
+    if old and old.get("status") in ("completed", "diverged") and not rerun:
+        if cfg["progress"]:
+            print(f"run {rid}: already {old['status']}; loaded from {rd.path}", file=sys.stderr)
+        return RunResult({**old, "run_dir": str(rd.path)})
+    rd.path.mkdir(parents=True, exist_ok=True)
+    for t in ("epochs", "steps", "norm_params"):  # a rerun starts its tables afresh
+        (rd.path / f"{t}.parquet").unlink(missing_ok=True)
+    rd.write_json("config", {"run_id": rid, "params": cfg, "provenance": provenance(cfg)})
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    rd.write_json("status", {"status": "running", "started": started, "pid": os.getpid()})
+    try:
+        status = train({**cfg, "_desc": rid[:40]}, rd)
+    except BaseException as e:
+        rd.write_json("status", {"status": "failed", "started": started,
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 "error": f"{type(e).__name__}: {e}",
+                                 "traceback": traceback.format_exc()})
+        raise
+    status.update(started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rd.write_json("status", status)
+    return RunResult({**status, "run_dir": str(rd.path)})

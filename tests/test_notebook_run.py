@@ -1,0 +1,51 @@
+"""notebooks/run.ipynb executed for real through papermill, with tiny parameters."""
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+import bnlib
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / "notebooks" / "run.ipynb"
+TINY = dict(arch="resnet8", width=0.25, synthetic_size=300, val_fraction=0.2, n_test=60, batch_size=32,
+            epochs=2, log_every=2)
+
+
+def test_parameters_cell_is_the_run_config():
+    """The notebook's parameters cell and bnlib.RunConfig carry the same names and defaults."""
+    nb_params = pm.inspect_notebook(str(NB))
+    defaults = bnlib.RunConfig()
+    assert list(nb_params) == [f.name for f in fields(bnlib.RunConfig)]
+    for name, p in nb_params.items():
+        assert eval(p["default"]) == getattr(defaults, name), name
+
+
+def test_run_notebook_writes_a_complete_run(tmp_path):
+    out = tmp_path / "run.ipynb"
+    pm.execute_notebook(str(NB), str(out), parameters={**TINY, "norm": "bn_minus", "out_dir": str(tmp_path / "runs")},
+                        cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+    runs = bnlib.load_runs(tmp_path / "runs")
+    assert len(runs.runs) == 1 and runs.runs.status[0] == "completed" and runs.runs.norm[0] == "bn_minus"
+    run_dir = Path(tmp_path / "runs" / runs.runs.run_id[0])
+    assert {"config.json", "status.json", "epochs.parquet", "steps.parquet", "norm_params.parquet"} <= \
+        {p.name for p in run_dir.iterdir()}
+    nb = json.loads(out.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # curves + γ/β drift
+    # one progress bar for the run, not a line per step
+    stderr = "".join("".join(o["text"]) for o in outputs if o.get("name") == "stderr")
+    assert stderr.count("\n") <= 3
+
+
+def test_run_notebook_rejects_bad_parameters_before_training(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(NB), str(tmp_path / "bad.ipynb"),
+                            parameters={**TINY, "norm": "batchnorm", "lr": -0.1, "out_dir": str(tmp_path / "runs")},
+                            cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+    msg = str(e.value)
+    assert "norm='batchnorm'" in msg and "valid choices" in msg and "lr=-0.1" in msg
+    assert not (tmp_path / "runs").exists()
