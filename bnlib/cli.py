@@ -29,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(f"--{f.name}", type=_yaml_value, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
     r.add_argument("--rerun", action="store_true", help="train again even if the run exists")
+    from .studies import study_names
+
+    s = sub.add_parser("study", help="run (or resume) a study grid through papermill, then its analysis")
+    s.add_argument("name", help=f"one of {study_names()} or 'all' (every study, the summary and the report)")
+    s.add_argument("--preset", default="quick", help="quick (CPU, synthetic data) or paper (GPU, CIFAR-10)")
+    s.add_argument("--workers", type=int, default=1, help="parallel runs (Dask local cluster when > 1)")
+    s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (a cluster)")
+    s.add_argument("--out", default="outputs", help="outputs folder (runs/, studies/, report/)")
+    rp = sub.add_parser("report", help="render the HTML report of an outputs folder")
+    rp.add_argument("--out", default="outputs")
     return p
 
 
@@ -46,4 +56,25 @@ def main(argv=None) -> int:
             return 2
         print(json.dumps({k: res.get(k) for k in ("status", "diverged_step", "metrics", "run_dir")}, indent=1))
         return 0 if res["status"] in ("completed", "diverged") else 1
+    if cmd == "study":
+        from .grid import run_all, run_study
+
+        if args["workers"] < 1:
+            print(f"error: --workers={args['workers']}: must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            if args["name"] == "all":
+                res = run_all(args["preset"], args["out"], args["workers"], args["scheduler"])
+                failed = sum(c["failed"] for c in res.values())
+            else:
+                failed = run_study(args["name"], args["preset"], args["out"], args["workers"], args["scheduler"])["failed"]
+        except ValueError as e:  # ConfigError included: bad study, preset or grid point
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 1 if failed else 0
+    if cmd == "report":
+        from .report import build_report
+
+        print(build_report(args["out"]))
+        return 0
     return 2

@@ -7,6 +7,7 @@ with messages that name the parameter, the bad value and what is accepted.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -137,7 +138,11 @@ def _check_field(f, v) -> str | None:
     if choices is not None and v not in choices:
         return f"{f.name}={v!r}: not a valid choice; valid choices: {list(choices)}"
     if t in ("int", "float"):
-        if v != v or v in (float("inf"), float("-inf")):
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:
+            finite = False
+        if not finite:
             return f"{f.name}={v!r}: must be a finite number"
         lo, hi = md["lo"], md["hi"]
         if lo is not None and (v <= lo if md["lo_open"] else v < lo) or \
@@ -226,13 +231,15 @@ def validate(params: dict[str, Any] | None = None, **kw) -> dict[str, Any]:
     if not bad & {"step_milestones"} and any(not 0 < m < 1 for m in cfg["step_milestones"]):
         errors.append(f"step_milestones={cfg['step_milestones']!r}: each must be a fraction in (0, 1)")
     if not bad & {"dataset", "synthetic_size", "val_fraction", "n_train", "batch_size"}:
-        pool = cfg["synthetic_size"] if cfg["dataset"] == "synthetic" else TRAIN_POOL[cfg["dataset"]]
-        n = round(pool * (1 - cfg["val_fraction"]))
+        synthetic = cfg["dataset"] == "synthetic"
+        pool = cfg["synthetic_size"] if synthetic else TRAIN_POOL[cfg["dataset"]]
+        n = pool - round(cfg["val_fraction"] * pool)  # exactly what data.stratified_split leaves
         n = min(n, cfg["n_train"]) if cfg["n_train"] is not None else n
         if cfg["batch_size"] > n:
             errors.append(f"batch_size={cfg['batch_size']}: larger than the {n} training images "
-                          f"(dataset={cfg['dataset']!r}, n_train={cfg['n_train']}, "
-                          f"val_fraction={cfg['val_fraction']}); must be <= {n}")
+                          f"(dataset={cfg['dataset']!r}" + (f", synthetic_size={cfg['synthetic_size']}" if synthetic else "")
+                          + f", n_train={cfg['n_train']}, val_fraction={cfg['val_fraction']}); must be <= {n}, "
+                          f"or make the training set larger")
     if errors:
         raise ConfigError("invalid run parameters:\n  - " + "\n  - ".join(errors))
     cfg["step_milestones"] = [float(m) for m in cfg["step_milestones"]]

@@ -146,14 +146,18 @@ DATASETS = {
 # ----------------------------------------------------------------------------------------------
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (rest, part): `part` holds round(fraction · count) of every class, chosen with a
-    fixed seed. Both are sorted, disjoint and cover all indices."""
+    """Indices (rest, part): `part` holds exactly round(fraction · N) indices, spread over the
+    classes in proportion to their counts (largest-remainder rounding), chosen with a fixed
+    seed. Both are sorted, disjoint and cover all indices."""
     rng = np.random.default_rng(seed)
-    part = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        take = int(round(fraction * len(idx)))
-        part.append(rng.permutation(idx)[:take])
+    classes, counts = np.unique(labels, return_counts=True)
+    total = int(round(fraction * len(labels)))
+    exact = fraction * counts
+    quota = np.floor(exact).astype(int)
+    extra = total - quota.sum()
+    if extra > 0:  # classes with the largest fractional parts get one more
+        quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
+    part = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     part = np.sort(np.concatenate(part)) if part else np.array([], np.int64)
     rest = np.setdiff1d(np.arange(len(labels)), part, assume_unique=True)
     return rest, part

@@ -79,3 +79,26 @@ def norm_final_distribution(norm_params: pd.DataFrame, hue: str = "norm"):
         ax.set_title(f"final per-layer mean {kind}")
     fig.tight_layout()
     return fig
+
+
+def acc_vs_batch(runs: pd.DataFrame, metric: str = "test_acc_at_best_val", hue: str = "norm"):
+    """P1's main figure: accuracy vs batch size, one line per variant (mean, band = min-max over
+    seeds), one panel per depth."""
+    _theme()
+    g = sns.relplot(runs, x="batch_size", y=metric, hue=hue, col="arch", kind="line", marker="o",
+                    errorbar=("pi", 100), height=3.2, aspect=1.1, facet_kws={"sharey": True})
+    for ax in g.axes.flat:
+        ax.set_xscale("log", base=2)
+    g.set_axis_labels("batch size", metric.replace("_", " "))
+    return g.figure
+
+
+def arm_bars(runs: pd.DataFrame, x: str, metric: str = "test_acc_at_best_val", hue: str | None = None, ax=None):
+    """Accuracy per arm: mean with min-max over seeds, every seed as a dot."""
+    _theme()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4, 0.9 * runs[x].nunique() * (runs[hue].nunique() if hue else 1)), 3.4))
+    sns.pointplot(runs, x=x, y=metric, hue=hue, errorbar=("pi", 100), dodge=0.3 if hue else False,
+                  linestyle="none", ax=ax, capsize=0.1)
+    sns.stripplot(runs, x=x, y=metric, hue=hue, dodge=bool(hue), alpha=0.4, ax=ax, legend=False)
+    return ax.figure

@@ -152,13 +152,15 @@ def _flat_status(st: dict) -> dict:
     return out
 
 
-def load_runs(path="outputs/runs", statuses=("completed", "diverged")) -> Runs:
-    """Read every run directory under `path` (searched recursively for config.json). Runs whose
-    status is not in `statuses` (e.g. still running, or failed) or whose files cannot be read
-    are left out and listed in `.skipped` with the reason."""
+def load_runs(path="outputs/runs", statuses=("completed", "diverged"), run_ids=None) -> Runs:
+    """Read every run directory under `path` (searched recursively for config.json; only those
+    named in `run_ids` if given). Runs whose status is not in `statuses` (e.g. still running, or
+    failed) or whose files cannot be read are left out and listed in `.skipped` with the reason."""
     rows, tables, skipped = [], {t: [] for t in TABLES}, []
     for cfg_path in sorted(Path(path).rglob("config.json")):
         rd = RunDir(cfg_path.parent)
+        if run_ids is not None and rd.id not in run_ids:
+            continue
         try:
             conf = rd.read_json("config")
             st = rd.read_json("status")

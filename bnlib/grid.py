@@ -1,0 +1,170 @@
+"""Run a study: every grid point through papermill (notebooks/run.ipynb) into its own run
+directory, then the study's analysis notebook; `study all` adds the summary and the report.
+
+Resume follows from run identity: a point whose run directory says `completed` or `diverged`
+is skipped. A point whose notebook fails is recorded `failed` with its error and the grid goes
+on. With `workers > 1` the points run on a Dask cluster (local processes, or `scheduler=` an
+existing cluster's address), one papermill kernel per task.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import ConfigError, validate
+from .records import RunDir, atomic_write, run_id
+from .studies import STUDIES, Study, get_study
+
+__all__ = ["run_study", "run_all", "plan", "load_study", "execute_notebook", "ROOT", "NOTEBOOKS"]
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+DONE = ("completed", "diverged")
+
+
+def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -> None:
+    """papermill with the settings every bnlib notebook uses (the kernel is this Python's)."""
+    import papermill as pm
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                        progress_bar=False, log_output=False, request_save_on_cell_execute=True)
+
+
+def plan(study: Study, preset: str, out: Path) -> list[dict]:
+    """Validate every point before anything runs; return [{params, run_id, status}]."""
+    runs_dir = Path(out) / "runs"
+    items, errors = [], []
+    for i, point in enumerate(study.points(preset)):
+        try:
+            cfg = validate({**point, "out_dir": str(runs_dir)})
+        except ConfigError as e:
+            errors.append(f"point {i} {point}: {e}")
+            continue
+        rid = run_id(cfg)
+        st = RunDir(runs_dir / rid).status() or {}
+        items.append({"params": {**point, "out_dir": str(runs_dir)}, "run_id": rid, "status": st.get("status"),
+                      "epochs": cfg["epochs"]})
+    if errors:
+        raise ConfigError(f"study {study.name!r} preset {preset!r} has invalid points:\n" + "\n".join(errors))
+    return items
+
+
+def _execute_point(item: dict, threads: int | None = None) -> dict:
+    """Run one grid point through run.ipynb; never raises (a failure is a recorded result)."""
+    if threads:  # the kernel inherits this environment
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    rd = RunDir(Path(item["params"]["out_dir"]) / item["run_id"])
+    t0 = time.perf_counter()
+    try:
+        execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"])
+    except Exception as e:  # noqa: BLE001 — papermill errors, a dead kernel, ...
+        st = rd.status() or {}
+        err = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}"
+        if not rd.path.exists():
+            rd.path.mkdir(parents=True)
+        rd.write_json("status", {**st, "status": "failed", "training_status": st.get("status"),
+                                 "error": err[:2000], "notebook": str(rd.path / "run.ipynb")})
+        return {"run_id": item["run_id"], "status": "failed", "error": err[:300], "seconds": time.perf_counter() - t0}
+    st = rd.status() or {}
+    return {"run_id": item["run_id"], "status": st.get("status", "failed"), "seconds": time.perf_counter() - t0}
+
+
+def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
+              scheduler: str | None = None, analyze: bool = True, progress: bool = True) -> Counter:
+    """Run (or resume) every point of `study` at `preset`, then its analysis notebook.
+    Returns the counts of completed / diverged / failed / skipped runs."""
+    study = get_study(study) if isinstance(study, str) else study
+    out = Path(out).resolve()
+    items = plan(study, preset, out)
+    todo = [it for it in items if it["status"] not in DONE]
+    counts = Counter(skipped=len(items) - len(todo))
+    print(f"study {study.name} [{preset}]: {len(items)} runs, {sum(i['epochs'] for i in items)} epochs "
+          f"({len(todo)} to run, {counts['skipped']} already done) -> {out / 'runs'}", flush=True)
+    _write_manifest(study, preset, out, items)
+    bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="run", disable=not progress or not todo,
+               file=sys.stderr)
+    for res in _map(todo, workers, scheduler):
+        counts[res["status"]] += 1
+        if res["status"] == "failed":
+            tqdm.write(f"  failed: {res['run_id']}: {res.get('error', '')}", file=sys.stderr)
+        bar.set_postfix({k: counts[k] for k in ("completed", "diverged", "failed")}, refresh=False)
+        bar.update(1)
+    bar.close()
+    print(f"study {study.name}: " + " / ".join(f"{k} {counts[k]}" for k in ("completed", "diverged", "failed",
+                                                                           "skipped")), flush=True)
+    if analyze and study.notebook:
+        dst = out / "studies" / study.name / f"{study.name}.ipynb"
+        try:
+            execute_notebook(NOTEBOOKS / study.notebook, dst, {"out": str(out), "study": study.name})
+        except Exception as e:  # noqa: BLE001 — the runs are kept; the analysis can be rerun
+            print(f"study {study.name}: analysis notebook failed ({type(e).__name__}); see {dst}", file=sys.stderr)
+            counts["analysis_failed"] += 1
+    return counts
+
+
+def _map(items: list[dict], workers: int, scheduler: str | None):
+    """Yield results as they finish: in-process when workers == 1, else on a Dask cluster."""
+    if not items:
+        return
+    if workers <= 1 and scheduler is None:
+        for it in items:
+            yield _execute_point(it)
+        return
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if scheduler:
+        client, cluster = Client(scheduler), None
+        threads = None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        futures = [client.submit(_execute_point, it, threads, key=f"bnlib-{it['run_id']}", pure=False) for it in items]
+        for fut in as_completed(futures):
+            yield fut.result()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _write_manifest(study: Study, preset: str, out: Path, items: list[dict]) -> None:
+    d = out / "studies" / study.name
+    d.mkdir(parents=True, exist_ok=True)
+    manifest = {"study": study.name, "title": study.title, "preset": preset, "axes": study.axes(preset),
+                "run_ids": [it["run_id"] for it in items],
+                "points": [{k: v for k, v in it["params"].items() if k != "out_dir"} for it in items]}
+    atomic_write(d / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+def load_study(out="outputs", study: str = "p1"):
+    """The runs of one study (from its manifest) as bnlib.Runs, plus the manifest."""
+    from .records import load_runs
+
+    out = Path(out)
+    manifest = json.loads((out / "studies" / study / "manifest.json").read_text())
+    runs = load_runs(out / "runs", run_ids=set(manifest["run_ids"]))
+    return runs, manifest
+
+
+def run_all(preset: str = "quick", out="outputs", workers: int = 1, scheduler: str | None = None,
+            studies: list[str] | None = None) -> dict:
+    """Every study, then the summary notebook and the HTML report (the main job, `make study`)."""
+    from .report import build_report
+
+    out = Path(out).resolve()
+    results = {}
+    for name in studies or list(STUDIES):
+        results[name] = run_study(name, preset, out, workers, scheduler)
+    execute_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})
+    index = build_report(out)
+    print(f"report: {index}")
+    return results

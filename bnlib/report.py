@@ -1,0 +1,89 @@
+"""The HTML report: every executed notebook under an outputs folder rendered with nbconvert
+into `<out>/report/`, and an index.html linking the summary, each study and each run.
+
+Pages open offline: figures are embedded, and the template (bnlib/report_template) loads no
+script from the network. Code cells are hidden by default, with a button to show them.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import nbformat
+
+from .records import RunDir, atomic_write
+
+__all__ = ["build_report", "render_notebook"]
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "report_template"
+
+
+def render_notebook(src: Path, dst: Path, index_href: str) -> None:
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(extra_template_basedirs=[str(TEMPLATE_DIR.parent)], template_name=TEMPLATE_DIR.name)
+    nb = nbformat.read(str(src), as_version=4)
+    body, _ = exporter.from_notebook_node(nb, resources={"bnlib_index": index_href,
+                                                         "metadata": {"name": src.stem}})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, body.encode())
+
+
+def _has_error(nb_path: Path) -> bool:
+    nb = nbformat.read(str(nb_path), as_version=4)
+    return any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def build_report(out="outputs") -> Path:
+    """Render summary, studies and runs; write report/index.html. Returns its path."""
+    out = Path(out)
+    rep = out / "report"
+    sections = []
+
+    def page(src: Path, rel: str) -> str:
+        dst = rep / rel
+        depth = len(Path(rel).parts) - 1
+        render_notebook(src, dst, "../" * depth + "index.html")
+        return rel
+
+    if (out / "summary.ipynb").exists():
+        rel = page(out / "summary.ipynb", "summary.html")
+        sections.append(f'<h2>Summary</h2><p><a href="{rel}">summary of every run: accuracy, loss stability, '
+                        f'γ/β drift</a>{" (has errors)" if _has_error(out / "summary.ipynb") else ""}</p>')
+    else:
+        sections.append("<h2>Summary</h2><p>not run yet (<code>make study</code>)</p>")
+
+    study_rows = []
+    for nb in sorted((out / "studies").glob("*/*.ipynb")):
+        name = nb.parent.name
+        man = nb.parent / "manifest.json"
+        title = json.loads(man.read_text()).get("title", name) if man.exists() else name
+        preset = json.loads(man.read_text()).get("preset", "") if man.exists() else ""
+        rel = page(nb, f"studies/{name}.html")
+        study_rows.append(f'<li><a href="{rel}">{html.escape(title)}</a> [{preset}]'
+                          f'{" (has errors)" if _has_error(nb) else ""}</li>')
+    sections.append("<h2>Studies</h2><ul>" + ("".join(study_rows) or "<li>none run yet</li>") + "</ul>")
+
+    run_rows = []
+    for nb in sorted((out / "runs").glob("*/run.ipynb")):
+        rd = RunDir(nb.parent)
+        st = rd.status() or {}
+        m = st.get("metrics") or {}
+        rel = page(nb, f"runs/{rd.id}.html")
+        acc = f"{m['best_val_acc']:.3f} / {m['test_acc_at_best_val']:.3f}" if "best_val_acc" in m else ""
+        extra = f" at step {st['diverged_step']}" if st.get("diverged_step") is not None else ""
+        run_rows.append(f'<tr><td><a href="{rel}">{html.escape(rd.id)}</a></td><td>{st.get("status", "?")}{extra}</td>'
+                        f"<td>{acc}</td></tr>")
+    sections.append("<h2>Runs</h2><table><tr><th>run</th><th>status</th><th>best val acc / test acc at it</th></tr>"
+                    + "".join(run_rows) + "</table>")
+
+    index = rep / "index.html"
+    rep.mkdir(parents=True, exist_ok=True)
+    atomic_write(index, f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<title>bnlib report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+td,th{{padding:2px 10px;text-align:left}} tr:nth-child(even){{background:#f4f4f4}}</style></head>
+<body><h1>bnlib report</h1><p>outputs: <code>{html.escape(os.fspath(out.resolve()))}</code></p>
+{''.join(sections)}</body></html>""".encode())
+    return index

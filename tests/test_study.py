@@ -1,0 +1,136 @@
+"""A tiny study end to end through papermill: grid, resume, a failing run, the analysis and
+summary notebooks, and the HTML report opened in a real headless browser."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import bnlib
+from bnlib.grid import load_study, run_study, plan, execute_notebook, NOTEBOOKS
+from bnlib.report import build_report
+from bnlib.studies import Preset, Study
+
+SMOKE = dict(arch="resnet8", width=0.25, synthetic_size=300, val_fraction=0.2, n_test=60, batch_size=32,
+             epochs=2, log_every=2)
+
+
+def smoke_study(name="tiny", **grid):
+    return Study(name=name, title=f"smoke study {name}", notebook="studies/p1_ablation.ipynb",
+                 presets={"smoke": Preset(base=SMOKE, grid=grid or {"norm": ["bn", "none"], "seed": [0, 1]})})
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """One tiny study run once for the module: 2 norms × 2 seeds, then a 2-point study whose
+    CIFAR point fails (no files, no download), then the summary and the report."""
+    out = tmp_path_factory.mktemp("outputs")
+    first = run_study(smoke_study(), "smoke", out, progress=False)
+    empty = tmp_path_factory.mktemp("no_cifar")
+    failing = Study(name="withfail", title="one run fails", notebook=None, presets={"smoke": Preset(
+        base={**SMOKE, "data_dir": str(empty), "download": False, "norm": "affine"},
+        grid={"dataset": ["synthetic", "cifar10"]})})
+    second = run_study(failing, "smoke", out, progress=False)
+    execute_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})
+    index = build_report(out)
+    return {"out": out, "first": first, "second": second, "index": index, "tiny": smoke_study()}
+
+
+def test_grid_runs_every_point_through_papermill(outputs):
+    out = outputs["out"]
+    assert outputs["first"]["completed"] == 4 and outputs["first"]["failed"] == 0
+    runs, manifest = load_study(out, "tiny")
+    assert len(runs.runs) == 4 and set(runs.runs.norm) == {"bn", "none"} and set(runs.runs.seed) == {0, 1}
+    for rid in manifest["run_ids"]:
+        assert (out / "runs" / rid / "run.ipynb").exists()  # executed notebook kept beside its records
+        assert (out / "runs" / rid / "epochs.parquet").exists()
+    analysis = out / "studies" / "tiny" / "tiny.ipynb"
+    nb = json.loads(analysis.read_text())
+    errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+
+
+def test_rerun_skips_everything(outputs):
+    counts = run_study(outputs["tiny"], "smoke", outputs["out"], progress=False, analyze=False)
+    assert counts["skipped"] == 4 and counts["completed"] == counts["failed"] == 0
+    assert all(it["status"] == "completed" for it in plan(outputs["tiny"], "smoke", outputs["out"]))
+
+
+def test_failing_run_is_recorded_and_the_rest_completes(outputs):
+    assert outputs["second"]["completed"] == 1 and outputs["second"]["failed"] == 1
+    failed = [p for p in (outputs["out"] / "runs").glob("*/status.json")
+              if json.loads(p.read_text())["status"] == "failed"]
+    assert len(failed) == 1
+    st = json.loads(failed[0].read_text())
+    assert "cifar-10-batches-py" in st["error"]
+    # load_runs leaves it out and says why
+    runs = bnlib.load_runs(outputs["out"] / "runs")
+    assert any(why == "status 'failed'" for _, why in runs.skipped)
+
+
+def test_invalid_grid_point_rejected_before_any_run(tmp_path):
+    bad = smoke_study(norm=["bn", "batchnorm"])
+    with pytest.raises(bnlib.ConfigError, match="batchnorm"):
+        run_study(bad, "smoke", tmp_path, progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_summary_executes_and_names_missing_studies(outputs):
+    nb = json.loads((outputs["out"] / "summary.ipynb").read_text())
+    outs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outs if o.get("output_type") == "error"]
+    text = "".join("".join(o.get("text", "")) for o in outs)
+    assert "p1: MISSING" in text  # the registered P1 study was not run here
+    assert sum("image/png" in o.get("data", {}) for o in outs) >= 3
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_renders_in_a_real_browser(outputs):
+    index = outputs["index"]
+    pages = sorted(index.parent.rglob("*.html"))
+    assert (index.parent / "summary.html").exists() and (index.parent / "studies" / "tiny.html").exists()
+    assert len(list((index.parent / "runs").glob("*.html"))) == 6
+    if _chromium() is None or shutil.which("chromedriver") is None:
+        pytest.skip("no chromium/chromedriver found: the browser check needs Debian's chromium and "
+                    "chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _chromium()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--no-first-run", "--disable-quic"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        for page in pages:
+            driver.get(page.resolve().as_uri())
+            imgs = driver.execute_script(
+                "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            assert all(c and w > 0 and h > 0 for c, w, h in imgs), (page, imgs)
+            body = driver.find_element("tag name", "body").text
+            status = outputs["out"] / "runs" / page.stem / "status.json"
+            if status.exists() and json.loads(status.read_text())["status"] == "failed":
+                assert "cifar-10-batches-py" in body  # a failed run's page shows why it failed
+                continue
+            assert "Traceback" not in body, page
+            if page != index:
+                assert imgs, f"{page.name} shows no figure"
+                # code hidden by default, one click shows it
+                hidden = driver.execute_script("return document.body.classList.contains('bnlib-hide-code')")
+                driver.find_element("id", "bnlib-toggle-code").click()
+                shown = not driver.execute_script("return document.body.classList.contains('bnlib-hide-code')")
+                assert hidden and shown
+        driver.get(index.resolve().as_uri())
+        links = driver.execute_script("return Array.from(document.links).map(a => a.href)")
+        assert len(links) == len(pages) - 1
+        assert all(Path(l.replace("file://", "")).exists() for l in links)
+    finally:
+        driver.quit()
