@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnlib-installed
 PRESET ?= quick
+WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # The main job: every study at the quick preset, the summary, and the HTML report.
 study: $(STAMP)
-	$(PY) -m bnlib study all --preset $(PRESET)
+	$(PY) -m bnlib study all --preset $(PRESET) --workers $(WORKERS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

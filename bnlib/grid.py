@@ -48,8 +48,12 @@ def plan(study: Study, preset: str, out: Path) -> list[dict]:
             errors.append(f"point {i} {point}: {e}")
             continue
         rid = run_id(cfg)
-        st = RunDir(runs_dir / rid).status() or {}
-        items.append({"params": {**point, "out_dir": str(runs_dir)}, "run_id": rid, "status": st.get("status"),
+        rd = RunDir(runs_dir / rid)
+        status = (rd.status() or {}).get("status")
+        if status in DONE and (problem := rd.verify()):
+            print(f"  {rid}: {status} but damaged ({problem}): will run again", file=sys.stderr)
+            status = "damaged"
+        items.append({"params": {**point, "out_dir": str(runs_dir)}, "run_id": rid, "status": status,
                       "epochs": cfg["epochs"]})
     if errors:
         raise ConfigError(f"study {study.name!r} preset {preset!r} has invalid points:\n" + "\n".join(errors))
@@ -62,9 +66,15 @@ def _execute_point(item: dict, threads: int | None = None) -> dict:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     rd = RunDir(Path(item["params"]["out_dir"]) / item["run_id"])
     t0 = time.perf_counter()
+    if item["status"] != "damaged" and (rd.status() or {}).get("status") in DONE:  # finished elsewhere meanwhile
+        return {"run_id": item["run_id"], "status": "skipped", "seconds": 0.0}
+    if rd.path.exists() and _locked(rd.path):
+        return {"run_id": item["run_id"], "status": "locked", "seconds": 0.0}
     try:
         execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"])
     except Exception as e:  # noqa: BLE001 — papermill errors, a dead kernel, ...
+        if getattr(e, "ename", None) == "RunLocked":  # another live process runs it: not ours to mark
+            return {"run_id": item["run_id"], "status": "locked", "seconds": time.perf_counter() - t0}
         st = rd.status() or {}
         err = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}"
         if not rd.path.exists():
@@ -74,6 +84,18 @@ def _execute_point(item: dict, threads: int | None = None) -> dict:
         return {"run_id": item["run_id"], "status": "failed", "error": err[:300], "seconds": time.perf_counter() - t0}
     st = rd.status() or {}
     return {"run_id": item["run_id"], "status": st.get("status", "failed"), "seconds": time.perf_counter() - t0}
+
+
+def _locked(path: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
@@ -97,6 +119,7 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
         bar.set_postfix({k: counts[k] for k in ("completed", "diverged", "failed")}, refresh=False)
         bar.update(1)
     bar.close()
+    counts["skipped"] += counts.pop("locked", 0)  # held by another live study process
     print(f"study {study.name}: " + " / ".join(f"{k} {counts[k]}" for k in ("completed", "diverged", "failed",
                                                                            "skipped")), flush=True)
     if analyze and study.notebook:

@@ -125,11 +125,43 @@ class RunDir:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def verify(self) -> str | None:
+        """None when the run's records are whole; else what is wrong (a truncated or unreadable
+        file). Checked before a finished run is trusted, skipped or loaded."""
+        import pyarrow.parquet as pq
+
+        for name in ("config", "status"):
+            try:
+                self.read_json(name)
+            except (OSError, ValueError) as e:
+                return f"{name}.json unreadable: {type(e).__name__}: {e}"
+        for t in TABLES:
+            try:
+                pq.read_metadata(self.path / f"{t}.parquet")
+            except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds
+                return f"{t}.parquet unreadable: {type(e).__name__}: {e}"
+        return None
+
     def status(self) -> dict | None:
         try:
             return self.read_json("status")
         except (OSError, ValueError):
             return None
+
+
+def _process_gone(st: dict) -> bool:
+    """A `running` status written on this host by a process that no longer exists."""
+    import socket
+
+    if st.get("hostname") != socket.gethostname() or not st.get("pid"):
+        return False
+    try:
+        os.kill(int(st["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass
@@ -168,7 +200,10 @@ def load_runs(path="outputs/runs", statuses=("completed", "diverged"), run_ids=N
             skipped.append((str(rd.path), f"unreadable config/status: {e}"))
             continue
         if st.get("status") not in statuses:
-            skipped.append((str(rd.path), f"status {st.get('status')!r}"))
+            why = f"status {st.get('status')!r}"
+            if st.get("status") == "running" and _process_gone(st):
+                why += f" but its process {st.get('pid')} is gone (interrupted; rerun to resume)"
+            skipped.append((str(rd.path), why))
             continue
         params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.get("params", {}).items()}
         try:

@@ -12,7 +12,10 @@ import contextlib
 import math
 import os
 import random
+import shutil
+import socket
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -20,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from .config import validate
+from .config import ConfigError, validate
 from .data import augment, load_data, steps_per_epoch, to_input
 from .models import create_model
 from .norms import Affine2d
 from .records import RunDir, provenance, run_id
 
-__all__ = ["run", "train", "lr_at", "param_groups", "NormTracker", "build_model", "RunResult"]
+__all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups", "NormTracker", "build_model", "RunResult"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +175,22 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
     tracker = NormTracker(model)
     epochs, steps, norms = [], [], tracker.snapshot(0)
     status = {"status": "running", "diverged_step": None}
-    init_loss, step, t_start = None, 0, time.perf_counter()
-    bar = tqdm(total=total, desc=cfg.get("_desc", "train"), disable=not cfg["progress"], **_progress_kwargs())
+    init_loss, step, t_start, first_epoch = None, 0, time.perf_counter(), 1
+    ckpt = rd.path / "checkpoint.pt" if rd is not None else None
+    if ckpt is not None and ckpt.exists():  # resume an interrupted run where its last epoch ended
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"].to(gen.device) if device.type != "cpu" else state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        tracker.init = [t.to(device) for t in state["tracker_init"]]
+        epochs, steps, norms = state["epochs"], state["steps"], state["norms"]
+        init_loss, step, first_epoch = state["init_loss"], state["step"], state["epoch"] + 1
+        status["resumed_from_epoch"] = state["epoch"]
+    bar = tqdm(total=total, initial=step, desc=cfg.get("_desc", "train"), disable=not cfg["progress"], **_progress_kwargs())
     recent = []  # per-step loss tensors since the last host read (checked for divergence)
 
     def read_back(step, epoch, lr, gnorm):
@@ -189,7 +207,7 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
         return (bad[0] if bad else None), losses[-1]
 
     model.train()
-    for epoch in range(1, cfg["epochs"] + 1):
+    for epoch in range(first_epoch, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         perm = torch.randperm(len(data.y_train), device=device, generator=gen)
         train_loss = torch.zeros((), device=device)
@@ -232,16 +250,32 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
         norms += tracker.snapshot(epoch)
         if rd is not None:
             _write_tables(rd, epochs, steps, norms)
+            if status["status"] == "running" and epoch < cfg["epochs"]:
+                _save_checkpoint(ckpt, {
+                    "epoch": epoch, "step": step, "init_loss": init_loss, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                    "python_rng": random.getstate(), "tracker_init": tracker.init,
+                    "epochs": epochs, "steps": steps, "norms": norms})
         bar.set_postfix(epoch=epoch, loss=f"{epochs[-1]['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
         if status["status"] == "diverged":
             break
     bar.close()
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)  # the records are complete; the checkpoint only served resuming
     if status["status"] == "running":
         status["status"] = "completed"
     status["metrics"] = headline(epochs)
     status["total_seconds"] = time.perf_counter() - t_start
     status["data_sizes"] = data.sizes()
     return status
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomically: a kill during the save leaves the previous checkpoint intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def headline(epochs: list[dict]) -> dict:
@@ -273,32 +307,74 @@ class RunResult(dict):
         return Path(self["run_dir"])
 
 
+class RunLocked(RuntimeError):
+    """Another live process is running this run (same parameters, same outputs folder)."""
+
+
+def check_writable(out_dir: Path, min_free_mb: float = 50.0) -> None:
+    """Fail before training when the outputs folder cannot take a run's records."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out_dir={str(out_dir)!r}: not writable ({e.strerror or e}); choose a folder you can "
+                          f"write to") from None
+    free = shutil.disk_usage(out_dir).free / 2**20
+    if free < min_free_mb:
+        raise ConfigError(f"out_dir={str(out_dir)!r}: only {free:.0f} MB free; a run needs at least "
+                          f"{min_free_mb:.0f} MB for its records and checkpoint") from None
+
+
 def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
-    """Validate, make the run directory, train, record. A completed or diverged run that is
-    already on disk is returned as it is unless `rerun`. Bad parameters raise ConfigError
-    before anything is written."""
+    """Validate, make the run directory, train, record. A completed or diverged run already on
+    disk is returned as it is unless `rerun`; an interrupted one resumes from its last epoch
+    checkpoint. Bad parameters or an unwritable outputs folder raise ConfigError before anything
+    is written; a run held by another live process raises RunLocked."""
     cfg = validate(params, **kw)
     rid = run_id(cfg)
-    rd = RunDir(Path(cfg["out_dir"]).expanduser() / rid)
+    out_dir = Path(cfg["out_dir"]).expanduser()
+    rd = RunDir(out_dir / rid)
     old = rd.status() if rd.path.exists() else None
-    if old and old.get("status") in ("completed", "diverged") and not rerun:
+    problem = rd.verify() if old and old.get("status") in ("completed", "diverged") else None
+    if problem:
+        print(f"run {rid}: records damaged ({problem}); running it again", file=sys.stderr)
+        rerun = True
+    elif old and old.get("status") in ("completed", "diverged") and not rerun:
         if cfg["progress"]:
             print(f"run {rid}: already {old['status']}; loaded from {rd.path}", file=sys.stderr)
         return RunResult({**old, "run_dir": str(rd.path)})
+    check_writable(out_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
-    for t in ("epochs", "steps", "norm_params"):  # a rerun starts its tables afresh
-        (rd.path / f"{t}.parquet").unlink(missing_ok=True)
-    rd.write_json("config", {"run_id": rid, "params": cfg, "provenance": provenance(cfg)})
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    rd.write_json("status", {"status": "running", "started": started, "pid": os.getpid()})
+    # One process per run directory at a time. flock is released by the kernel when its holder
+    # dies, so a killed run never blocks the rerun that resumes it.
+    lock = FileLock(str(rd.path / ".lock"))
     try:
-        status = train({**cfg, "_desc": rid[:40]}, rd)
-    except BaseException as e:
-        rd.write_json("status", {"status": "failed", "started": started,
-                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "error": f"{type(e).__name__}: {e}",
-                                 "traceback": traceback.format_exc()})
-        raise
-    status.update(started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    rd.write_json("status", status)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunLocked(f"run {rid} is being run by another process ({rd.path})") from None
+    try:
+        if rerun:
+            (rd.path / "checkpoint.pt").unlink(missing_ok=True)
+        if not (rd.path / "checkpoint.pt").exists():
+            for t in ("epochs", "steps", "norm_params"):  # a fresh start writes its tables afresh
+                (rd.path / f"{t}.parquet").unlink(missing_ok=True)
+        rd.write_json("config", {"run_id": rid, "params": cfg, "provenance": provenance(cfg)})
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rd.write_json("status", {"status": "running", "started": started, "pid": os.getpid(),
+                                 "hostname": socket.gethostname()})
+        try:
+            status = train({**cfg, "_desc": rid[:40]}, rd)
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+                reason = f"out of memory: {reason}"
+            rd.write_json("status", {"status": "failed", "started": started,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "error": reason,
+                                     "traceback": traceback.format_exc()})
+            raise
+        status.update(started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        rd.write_json("status", status)
+    finally:
+        lock.release()
     return RunResult({**status, "run_dir": str(rd.path)})

@@ -1,6 +1,7 @@
 """Training throughput of bnlib's loop against the popular CIFAR loop and the bare model step.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats N] [--out outputs/bench]
+        [--n-train N] [--threads N] [--budget-s S] [--max-foreign F] [--loops a,b] [--device D]
 
 One process, one model (resnet18, BN, CIFAR stem; width 0.25 on CPU, 1.0 on CUDA), one data
 set (bnlib's synthetic images, the same training images for every loop), batch size 128.
@@ -11,7 +12,7 @@ Loops, run interleaved (reference, bnlib, bnlib_fp32, ceiling, bnlib_lean, refer
               num_workers=2, shuffle, drop_last; fp32, NCHW, SGD(momentum 0.9), loss.item()
               per step as in the PyTorch tutorial.
   bnlib       bnlib.run with its defaults (precision auto, channels_last, records written to a
-              temporary run directory, log_every 10); one fresh 2-epoch run per repeat, the
+              temporary run directory, log_every 10); one fresh 2-epoch run per round, the
               first epoch is warm-up, the second epoch's `img_per_s` (training only, bnlib's
               own timer) is the measurement.
   bnlib_fp32  the same with precision='fp32'.
@@ -22,7 +23,11 @@ Loops, run interleaved (reference, bnlib, bnlib_fp32, ceiling, bnlib_lean, refer
               host read happen once per epoch, at its last step) and records kept in memory,
               not written: `diagnostics_overhead` = img/s(bnlib_lean) / img/s(bnlib).
 
-Writes <out>/bench.json (machine, results, ratios) and prints a table.
+Medians and min-max over the rounds; ratios of medians, and per-round ratios. The machine may
+be shared: the share of the CPUs other processes used is measured during every measurement, and
+rounds above --max-foreign are left out of the summary when at least 2 clean rounds remain (all
+values stay in the JSON). --budget-s bounds the run: no new round starts that would end past it.
+Writes <out>/bench.json (machine, results, ratios, diagnostics_overhead) and prints a table.
 """
 from __future__ import annotations
 
@@ -41,12 +46,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import bnlib
 from bnlib.data import load_data, to_input
 from bnlib.models import create_model
+from bnlib.records import RunDir
 from bnlib.train import build_model, make_optimizer, param_groups
 from bnlib.train import train as bnlib_train
 
@@ -90,21 +98,54 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def _cpu_busy_jiffies() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine from /proc/stat, in seconds."""
+    try:
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    total = sum(v[:8])  # guest time is already counted in user
+    return (total - idle) / hz, total / hz
+
+
+class ForeignLoad:
+    """How much of the machine other processes used while a config ran: (machine busy CPU time
+    - this process's and its reaped children's CPU time) / (wall time x CPUs). On a shared
+    machine this is what makes a measurement unreliable; it is recorded next to each one."""
+
+    def __enter__(self):
+        self.m0, self.t0, self.w0 = _cpu_busy_jiffies(), os.times(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        m1, t1, wall = _cpu_busy_jiffies(), os.times(), time.perf_counter() - self.w0
+        self.frac = None
+        if self.m0 and m1 and wall > 0:
+            own = sum(b - a for a, b in zip(self.t0[:4], t1[:4]))  # user, sys, children user/sys
+            busy = m1[0] - self.m0[0]
+            self.frac = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
+        return False
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _rss_reader():
-    """A function returning (this process's RSS, summed RSS of its child processes) in bytes."""
+    """A function read(children) returning (this process's RSS, summed RSS of its child
+    processes, or 0 when not asked) in bytes."""
     try:
         import psutil
 
         me = psutil.Process()
 
-        def read():
+        def read(children=False):
             kids = 0
-            for c in me.children(recursive=True):
+            for c in (me.children(recursive=True) if children else ()):
                 with contextlib.suppress(psutil.Error):
                     kids += c.memory_info().rss
             return me.memory_info().rss, kids
@@ -112,7 +153,7 @@ def _rss_reader():
     except ImportError:  # Linux fallback: /proc/self/statm (children not counted)
         page = os.sysconf("SC_PAGE_SIZE")
 
-        def read():
+        def read(children=False):
             with open("/proc/self/statm") as fh:
                 return int(fh.read().split()[1]) * page, 0
         return read, "/proc/self/statm"
@@ -126,8 +167,8 @@ class MemoryMeter:
 
     _reader, source = None, None
 
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval = device, interval
+    def __init__(self, device: torch.device, children: bool = False, interval: float = 0.02):
+        self.device, self.interval, self.children = device, interval, children
         if MemoryMeter._reader is None:
             MemoryMeter._reader, MemoryMeter.source = _rss_reader()
         self.read = MemoryMeter._reader
@@ -141,18 +182,19 @@ class MemoryMeter:
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.cuda0 = torch.cuda.memory_allocated(self.device)
         return self
 
     def _sample(self):
         while not self._stop.is_set():
-            rss, kids = self.read()
+            rss, kids = self.read(self.children)
             self.peak, self.peak_kids = max(self.peak, rss), max(self.peak_kids, kids)
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        rss, kids = self.read()
+        rss, kids = self.read(self.children)
         self.peak, self.peak_kids = max(self.peak, rss), max(self.peak_kids, kids)
         self.cuda_peak = None
         if self.device.type == "cuda":
@@ -168,6 +210,8 @@ class MemoryMeter:
             out["peak_rss_children_mb"] = self.peak_kids / mb
         if self.cuda_peak is not None:
             out["cuda_max_memory_allocated_mb"] = self.cuda_peak / mb
+            out["cuda_allocated_at_start_mb"] = self.cuda0 / mb
+            out["cuda_peak_delta_mb"] = (self.cuda_peak - self.cuda0) / mb
         return out
 
 
@@ -188,14 +232,12 @@ class PILImages(torch.utils.data.Dataset):
         return len(self.targets)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         img = Image.fromarray(self.data[i])
         return self.transform(img), self.targets[i]
 
 
 class ReferenceLoop:
-    """The popular CIFAR loop. The model, optimizer and DataLoader live across repeats (a long
+    """The popular CIFAR loop. The model, optimizer and DataLoader live across rounds (a long
     run); each timed epoch starts the DataLoader's workers afresh, as the default
     (persistent_workers=False) loop does every epoch."""
 
@@ -291,10 +333,13 @@ class CeilingLoop:
         return {"img_per_s": n / sec, "seconds": sec, "images": n, "train_loss_last": loss.item()}
 
 
-class MemoryRecords:
-    """Stands in for bnlib.records.RunDir: keeps the tables in memory, writes nothing."""
+class MemoryRecords(RunDir):
+    """bnlib's RunDir with the tables kept in memory instead of written as parquet files (any
+    other file bnlib's loop writes still goes to `path`, a scratch folder)."""
 
-    def __init__(self):
+    def __init__(self, path):
+        super().__init__(path)
+        self.path.mkdir(parents=True, exist_ok=True)
         self.tables = {}
 
     def write_table(self, name, rows):
@@ -306,14 +351,13 @@ def bnlib_epoch(cfg: dict, lean: bool, root: Path, tag: str) -> dict:
     only: evaluation, norm snapshots and records writing come after the timer stops)."""
     t0 = time.perf_counter()
     if lean:
-        mem = MemoryRecords()
+        mem = MemoryRecords(root / tag)
         status = bnlib_train(cfg, mem)
         epochs = mem.tables["epochs"]
         where = "in memory"
     else:
         res = bnlib.run({**cfg, "out_dir": str(root / tag)}, rerun=True)
         status = res
-        import pandas as pd
         epochs = pd.read_parquet(res.run_dir / "epochs.parquet").to_dict("records")
         where = str(res.run_dir / "epochs.parquet")
     wall = time.perf_counter() - t0
@@ -337,22 +381,31 @@ def summarize(vals: list[float]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: fewer images, 1 repeat (~1 min on CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3, --quick 1)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer images, 2 rounds (~1 min on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7, --quick 2)")
     ap.add_argument("--n-train", type=int, default=None,
-                    help="training images per epoch (default CPU 1536 / CUDA 16384; --quick CPU 512 / CUDA 4096)")
+                    help="training images per epoch (default CPU 2048 / CUDA 16384; --quick CPU 1024 / CUDA 4096)")
     ap.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu) or a torch device")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new rounds when the next one would end past this many seconds "
+                         "(default 330, --quick 75; at least one round always runs)")
+    ap.add_argument("--max-foreign", type=float, default=0.10,
+                    help="a round in which other processes used more than this share of the CPUs is left "
+                         "out of the summary (when at least 2 clean rounds remain)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.json")
     ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated subset of {','.join(LOOPS)}")
     a = ap.parse_args(argv)
 
     t_all = time.perf_counter()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else torch.device(a.device)
     gpu = device.type == "cuda"
     width = 1.0 if gpu else 0.25
-    n_train = a.n_train or ({True: 4096, False: 512} if a.quick else {True: 16384, False: 1536})[gpu]
+    n_train = a.n_train or ({True: 4096, False: 1024} if a.quick else {True: 16384, False: 2048})[gpu]
     n_train = max(BATCH, n_train // BATCH * BATCH)
-    repeats = a.repeats or (1 if a.quick else 3)
+    repeats = a.repeats or (2 if a.quick else 7)
     loops = [s.strip() for s in a.loops.split(",") if s.strip()]
     unknown = set(loops) - set(LOOPS)
     if unknown:
@@ -387,14 +440,24 @@ def main(argv=None) -> int:
 
     precision = {"reference": "fp32", "bnlib": cfg["precision"], "bnlib_fp32": "fp32",
                  "ceiling": cfg["precision"], "bnlib_lean": cfg["precision"]}
+    budget = a.budget_s if a.budget_s is not None else (75.0 if a.quick else 330.0)
     per = {k: [] for k in loops}
+    stopped_early = None
     with tempfile.TemporaryDirectory(prefix="bnlib-bench-") as tmp:
         root = Path(tmp)
         for r in range(repeats):
+            elapsed = time.perf_counter() - t_all
+            if r > 0 and elapsed + (time.perf_counter() - t_first) / r > budget:
+                stopped_early = (f"stopped after {r} of {repeats} rounds: the next would end past "
+                                 f"--budget-s {budget:.0f} s")
+                print(f"  {stopped_early}", flush=True)
+                break
+            if r == 0:
+                t_first = time.perf_counter()
             for name in loops:
                 if gpu:
                     torch.cuda.empty_cache()
-                with MemoryMeter(device) as mm:
+                with MemoryMeter(device, children=name == "reference") as mm, ForeignLoad() as fl:
                     if name == "reference":
                         ref.warmup(warm_steps)
                         res = ref.epoch()
@@ -405,99 +468,126 @@ def main(argv=None) -> int:
                         c = {"bnlib": cfg, "bnlib_fp32": cfg32, "bnlib_lean": cfg_lean}[name]
                         res = bnlib_epoch(c, name == "bnlib_lean", root, f"r{r}-{name}")
                 res.update(mm.record())
-                with contextlib.suppress(OSError):
-                    res["loadavg_1min_after"] = os.getloadavg()[0]
+                res["foreign_cpu_frac"] = fl.frac
                 per[name].append(res)
-                print(f"  repeat {r + 1}/{repeats}  {name:<11} {res['img_per_s']:8.1f} img/s  "
-                      f"({res['seconds']:.2f} s)", flush=True)
+                busy = "" if fl.frac is None else f", other processes used {100 * fl.frac:.0f}% of the CPUs"
+                print(f"  round {r + 1}/{repeats}  {name:<11} {res['img_per_s']:8.1f} img/s  "
+                      f"({res['seconds']:.2f} s{busy})", flush=True)
+
+    # --- summary: over the rounds no other process disturbed, when there are enough of them ----
+    n_rounds = len(per[loops[0]])
+    round_foreign = [max((per[k][r].get("foreign_cpu_frac") or 0.0) for k in loops) for r in range(n_rounds)]
+    clean = [r for r in range(n_rounds) if round_foreign[r] <= a.max_foreign]
+    used = clean if len(clean) >= min(2, n_rounds) else list(range(n_rounds))
+    excluded = [r for r in range(n_rounds) if r not in used]
+    summary_over = ("all rounds" if not excluded else
+                    f"{len(used)} of {n_rounds} rounds: rounds {[r + 1 for r in excluded]} excluded because "
+                    f"other processes used more than {100 * a.max_foreign:.0f}% of the CPUs during them")
+    if len(clean) < min(2, n_rounds):
+        summary_over = (f"all rounds, although only {len(clean)} had other processes below "
+                        f"{100 * a.max_foreign:.0f}% of the CPUs: these numbers are disturbed")
 
     mem_key = "cuda_max_memory_allocated_mb" if gpu else "peak_rss_mb"
+    delta_key = "cuda_peak_delta_mb" if gpu else "peak_rss_delta_mb"
     results = []
     for name in loops:
         rs = per[name]
-        entry = {"name": name, "img_per_s": summarize([x["img_per_s"] for x in rs]), "precision": precision[name],
-                 "channels_last": name != "reference" and cfg["channels_last"],
+        use = [rs[r] for r in used]
+        entry = {"name": name, "img_per_s": summarize([x["img_per_s"] for x in use]),
+                 "img_per_s_all_rounds": summarize([x["img_per_s"] for x in rs]),
+                 "precision": precision[name], "channels_last": name != "reference" and cfg["channels_last"],
                  "peak_memory_mb": max(x[mem_key] for x in rs),
-                 "peak_rss_delta_mb": max(x["peak_rss_delta_mb"] for x in rs), "repeats": rs}
+                 "peak_memory_delta_mb": max(x[delta_key] for x in rs)}
         if any("peak_rss_children_mb" in x for x in rs):
             entry["peak_rss_children_mb"] = max(x.get("peak_rss_children_mb", 0.0) for x in rs)
+        entry["repeats"] = rs
         results.append(entry)
     med = {e["name"]: e["img_per_s"]["median"] for e in results}
 
-    def ratio(a_, b_):
-        return med[a_] / med[b_] if a_ in med and b_ in med else None
-
-    def paired(a_, b_):  # per-repeat ratios (interleaved neighbours share the machine's state)
-        if a_ not in per or b_ not in per:
-            return None
-        return summarize([x["img_per_s"] / y["img_per_s"] for x, y in zip(per[a_], per[b_])])
-
     pairs = [("bnlib", "reference"), ("bnlib", "ceiling"), ("bnlib_fp32", "reference"),
-             ("bnlib", "bnlib_fp32"), ("ceiling", "reference"), ("bnlib_lean", "ceiling")]
-    ratios = {f"{x}/{y}": ratio(x, y) for x, y in pairs if ratio(x, y) is not None}
-    ratios_paired = {f"{x}/{y}": paired(x, y) for x, y in pairs if paired(x, y) is not None}
-    diag = ratio("bnlib_lean", "bnlib")
+             ("bnlib", "bnlib_fp32"), ("ceiling", "reference"), ("bnlib_lean", "bnlib"),
+             ("bnlib_lean", "ceiling")]
+    pairs = [(x, y) for x, y in pairs if x in med and y in med]
+    ratios = {f"{x}/{y}": med[x] / med[y] for x, y in pairs}
+    # per-round ratios: neighbours in one round share the machine's state
+    ratios_paired = {f"{x}/{y}": summarize([per[x][r]["img_per_s"] / per[y][r]["img_per_s"] for r in used])
+                     for x, y in pairs}
+    diag = ratios.get("bnlib_lean/bnlib")
     with contextlib.suppress(OSError):
         machine["loadavg_at_end"] = os.getloadavg()
 
     out = {
         "machine": machine,
         "setup": {"model": f"resnet18 norm=bn stem=cifar width={width}", "n_train": n_train, "batch_size": BATCH,
-                  "steps_per_epoch": n_train // BATCH, "repeats": repeats, "order": loops, "quick": a.quick,
+                  "steps_per_epoch": n_train // BATCH, "rounds": n_rounds, "rounds_asked": repeats,
+                  "stopped_early": stopped_early, "budget_s": budget, "order": loops, "quick": a.quick,
                   "bnlib_params": {k: cfg[k] for k in ("precision", "channels_last", "log_every", "compile",
                                                        "crop_pad", "flip", "optimizer", "lr", "momentum",
                                                        "weight_decay", "schedule")},
-                  "warmup": ("bnlib loops: each repeat is a fresh 2-epoch bnlib run, epoch 1 is warm-up and "
-                             "epoch 2 is measured with bnlib's own per-epoch timer (training only; eval and "
-                             "records come after the timer). reference/ceiling: live across repeats, "
-                             f"{warm_steps} untimed steps at start and before each timed epoch."),
-                  "reference_loop": ("Dataset of PIL images (made per item from uint8 HWC, as torchvision "
+                  "warmup": ("bnlib loops: each round is a fresh 2-epoch bnlib run; epoch 1 is warm-up and "
+                             "epoch 2 is measured with bnlib's own per-epoch timer (training only; eval, norm "
+                             "snapshots and records come after the timer stops). reference/ceiling: model, "
+                             f"optimizer and loader live across rounds; {warm_steps} untimed steps at start and "
+                             "before each timed epoch."),
+                  "reference_loop": ("Dataset of PIL images (made per item from uint8 HWC, as torchvision's "
                                      "CIFAR10), RandomCrop(32,4)+RandomHorizontalFlip+ToTensor+Normalize, "
                                      "DataLoader(num_workers=2, shuffle, drop_last, persistent_workers=False), "
                                      "fp32 NCHW, SGD(lr 0.1, momentum 0.9, wd 5e-4), loss.item() per step; "
-                                     "the epoch timer includes worker start-up."),
+                                     "the epoch timer includes the workers' start-up."),
                   "progress_bar": "off in every bnlib run (progress=False)"},
+        "summary_over": summary_over,
+        "round_foreign_cpu_frac": round_foreign,
+        "foreign_cpu_note": ("foreign_cpu_frac: share of all CPUs used by other processes (and hypervisor steal) "
+                             "while a measurement ran: /proc/stat busy time minus this process's and its reaped "
+                             "children's CPU time, over wall time x CPUs. A round counts as clean when every "
+                             f"loop in it stayed at or below --max-foreign ({a.max_foreign}); img_per_s and "
+                             "ratios summarize the clean rounds when there are at least 2, img_per_s_all_rounds "
+                             "every round."),
         "memory_note": ("peak_memory_mb: on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats "
-                        "at the start of each config; on CPU the peak RSS of this process sampled every 20 ms "
-                        f"({MemoryMeter.source}) by a background thread while that config ran (max over repeats). "
-                        "RSS includes memory retained from earlier configs (the allocator keeps freed pages), so "
-                        "peak_rss_delta_mb (peak minus RSS at the config's start) is given as well; "
-                        "peak_rss_children_mb is the summed RSS of DataLoader workers (shared copy-on-write "
-                        "pages counted in each)."),
+                        "at the start of each config (it includes tensors other loops keep alive, e.g. the "
+                        "ceiling's ready-made batches; peak_memory_delta_mb subtracts memory_allocated at the "
+                        "config's start); on CPU the peak RSS of this process, sampled every 20 ms "
+                        f"({MemoryMeter.source}) by a background thread while that config ran, max over rounds "
+                        "(ru_maxrss would be the whole process's lifetime peak). RSS keeps memory retained from "
+                        "earlier configs (the allocator holds on to freed pages), so peak_memory_delta_mb (peak "
+                        "minus RSS at the config's start) is given too. peak_rss_children_mb: summed RSS of the "
+                        "DataLoader workers (copy-on-write pages shared with this process counted in each)."),
         "results": results,
         "ratios": ratios,
-        "ratios_note": "ratios of median img/s; ratios_paired: summary of the per-repeat ratios",
+        "ratios_note": "ratios of median img/s; ratios_paired: median/min/max of the per-round ratios",
         "ratios_paired": ratios_paired,
         "diagnostics_overhead": diag,
-        "diagnostics_overhead_note": ("img/s of bnlib_lean (log_every=1e9: grad norm + host read once per epoch; "
-                                      "records kept in memory) over img/s of bnlib (defaults: log_every=10, "
-                                      "records written): 1.0 = free, 1.05 = diagnostics cost 5%. Records are "
-                                      "written after the epoch timer stops, so their cost shows in run_wall_s, "
-                                      "not in img/s."),
+        "diagnostics_overhead_note": ("img/s of bnlib_lean (log_every=1e9: grad norm and host read once per epoch, "
+                                      "at its last step; records kept in memory) over img/s of bnlib (defaults: "
+                                      "log_every=10, records written): 1.0 = diagnostics are free, 1.05 = they "
+                                      "cost 5%. Records are written after the epoch timer stops, so their cost "
+                                      "shows in run_wall_s, not in img/s."),
         "total_wall_s": time.perf_counter() - t_all,
     }
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "bench.json").write_text(json.dumps(out, indent=1, default=float))
+    (outdir / "bench.json").write_text(json.dumps(out, indent=1))
 
-    # table
-    print()
-    print(f"{'loop':<11} {'precision':<9} {'median img/s':>12} {'min':>8} {'max':>8} {'peak MB':>9}  per repeat")
+    print(f"\nsummary over {summary_over}")
+    print(f"{'loop':<11} {'precision':<9} {'median img/s':>12} {'min':>8} {'max':>8} {'peak MB':>8} {'Δ MB':>6}"
+          f"  every round")
     for e in results:
-        s = e["img_per_s"]
+        s_ = e["img_per_s"]
         reps = " ".join(f"{x['img_per_s']:.0f}" for x in e["repeats"])
-        print(f"{e['name']:<11} {e['precision']:<9} {s['median']:12.1f} {s['min']:8.1f} {s['max']:8.1f} "
-              f"{e['peak_memory_mb']:9.0f}  {reps}")
+        print(f"{e['name']:<11} {e['precision']:<9} {s_['median']:12.1f} {s_['min']:8.1f} {s_['max']:8.1f} "
+              f"{e['peak_memory_mb']:8.0f} {e['peak_memory_delta_mb']:6.0f}  {reps}")
     print()
     for k, v in ratios.items():
-        p = ratios_paired.get(k)
-        extra = f"   (paired per repeat: {p['median']:.3f}, {p['min']:.3f}-{p['max']:.3f})" if p else ""
-        print(f"{k:<22} {v:6.3f}{extra}")
+        p_ = ratios_paired[k]
+        print(f"{k:<22} {v:6.3f}   (per round: median {p_['median']:.3f}, {p_['min']:.3f}-{p_['max']:.3f})")
     if diag is not None:
-        print(f"{'diagnostics_overhead':<22} {diag:6.3f}   (img/s bnlib_lean / bnlib)")
+        print(f"{'diagnostics_overhead':<22} {diag:6.3f}   (img/s bnlib_lean / bnlib; 1.0 = free)")
+    if max(round_foreign, default=0.0) > a.max_foreign:
+        print(f"\nWARNING: other processes used up to {100 * max(round_foreign):.0f}% of the CPUs during some "
+              f"rounds (per round: {', '.join(f'{100 * f:.0f}%' for f in round_foreign)}). With 2 intra-op "
+              "threads on a busy 2-core machine a step can be many times slower; rerun when it is idle.")
     print(f"\nwrote {outdir / 'bench.json'} in {out['total_wall_s']:.0f} s", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

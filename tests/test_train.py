@@ -34,7 +34,7 @@ def test_run_writes_complete_records(tmp_path):
     assert st["status"] == "completed" and 0 <= st["metrics"]["best_val_acc"] <= 1
     ep = pd.read_parquet(d / "epochs.parquet")
     assert list(ep.epoch) == [1, 2]
-    assert {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds"} <= set(ep)
+    assert {"lr_now", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "seconds"} <= set(ep)
     steps = pd.read_parquet(d / "steps.parquet")
     assert steps.step.is_monotonic_increasing and steps.grad_norm.gt(0).all()
     npar = pd.read_parquet(d / "norm_params.parquet")

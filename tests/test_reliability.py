@@ -1,0 +1,153 @@
+"""Reliability, exercised for real: SIGKILLed runs and studies resume, damaged records are
+detected and rerun, a run directory is held by one live process at a time, an unwritable
+outputs folder fails before training."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from filelock import FileLock
+
+import bnlib
+from bnlib.config import ConfigError
+from bnlib.grid import run_study
+from bnlib.train import RunLocked
+
+TINY = dict(arch="resnet8", width=0.25, synthetic_size=400, val_fraction=0.2, n_test=60, batch_size=16,
+            epochs=4, progress=False, log_every=3, precision="fp32")
+COLS = ["epoch", "step", "lr_now", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"]
+
+
+def _cli(out, **kw):
+    args = [sys.executable, "-m", "bnlib", "run", "--out_dir", str(out)]
+    for k, v in {**TINY, **kw}.items():
+        args += [f"--{k}", json.dumps(v)]
+    return args
+
+
+def _wait_for(pred, proc, timeout=120):
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, "the process ended before it could be killed"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
+    ref = bnlib.run({**TINY, "out_dir": str(tmp_path / "ref")})
+    proc = subprocess.Popen(_cli(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed" / ref.run_dir.name
+    _wait_for(lambda: (run_dir / "checkpoint.pt").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    skipped = bnlib.load_runs(tmp_path / "killed").skipped
+    assert len(skipped) == 1 and "is gone (interrupted" in skipped[0][1]  # detected, reported, not loaded
+
+    res = bnlib.run({**TINY, "out_dir": str(tmp_path / "killed")})
+    assert res["status"] == "completed" and res["resumed_from_epoch"] >= 1
+    a = pd.read_parquet(ref.run_dir / "epochs.parquet")[COLS]
+    b = pd.read_parquet(run_dir / "epochs.parquet")[COLS]
+    pd.testing.assert_frame_equal(a, b)  # same metrics as the uninterrupted run, no duplicate rows
+    sa, sb = (pd.read_parquet(d / "steps.parquet") for d in (ref.run_dir, run_dir))
+    assert sb.step.is_unique and len(sa) == len(sb)
+    pd.testing.assert_frame_equal(sa[["step", "loss"]], sb[["step", "loss"]])
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_sigkilled_study_completes_on_rerun(tmp_path):
+    script = tmp_path / "study.py"
+    script.write_text(textwrap.dedent(f"""
+        from bnlib.studies import Study, Preset
+        from bnlib.grid import run_study
+        s = Study("kill", "kill test", None, {{"t": Preset(base={TINY!r}, grid={{"seed": [0, 1, 2]}})}})
+        run_study(s, "t", {str(tmp_path / 'out')!r}, progress=False)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "out" / "runs"
+
+    def one_done_one_started():
+        sts = [json.loads(p.read_text())["status"] for p in runs.glob("*/status.json")] if runs.exists() else []
+        return sts.count("completed") >= 1 and any(runs.glob("*/checkpoint.pt"))
+
+    _wait_for(one_done_one_started, proc, timeout=240)
+    # SIGKILL the whole tree: the runner and its kernel (which jupyter starts in a session of its own)
+    import psutil
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs([psutil.Process(p) for p in tree[1:] if psutil.pid_exists(p)], timeout=10)
+    from bnlib.studies import Study, Preset
+    s = Study("kill", "kill test", None, {"t": Preset(base=TINY, grid={"seed": [0, 1, 2]})})
+    counts = run_study(s, "t", tmp_path / "out", progress=False)
+    assert counts["skipped"] >= 1 and counts["completed"] + counts["skipped"] == 3 and counts["failed"] == 0
+    statuses = [json.loads(p.read_text()) for p in runs.glob("*/status.json")]
+    assert [st["status"] for st in statuses] == ["completed"] * 3
+    assert any(st.get("resumed_from_epoch") for st in statuses)  # the interrupted run resumed
+
+
+def test_damaged_records_are_detected_reported_and_rerun(tmp_path):
+    res = bnlib.run({**TINY, "epochs": 1, "out_dir": str(tmp_path)})
+    table = res.run_dir / "epochs.parquet"
+    table.write_bytes(table.read_bytes()[: len(table.read_bytes()) // 2])  # truncated
+    runs = bnlib.load_runs(tmp_path)
+    assert runs.runs.empty and "unreadable table" in runs.skipped[0][1]
+    again = bnlib.run({**TINY, "epochs": 1, "out_dir": str(tmp_path)})
+    assert again["status"] == "completed"
+    assert len(bnlib.load_runs(tmp_path).runs) == 1
+
+
+def test_a_run_is_held_by_one_process_at_a_time(tmp_path):
+    cfg = bnlib.validate({**TINY, "epochs": 1, "out_dir": str(tmp_path)})
+    run_dir = tmp_path / bnlib.run_id(cfg)
+    run_dir.mkdir(parents=True)
+    with FileLock(str(run_dir / ".lock")):  # as another live process would hold it
+        with pytest.raises(RunLocked):
+            bnlib.run(cfg)
+    # once released (or its holder dies), the run proceeds
+    assert bnlib.run(cfg)["status"] == "completed"
+
+
+def test_locked_point_in_a_study_is_skipped_not_failed(tmp_path):
+    from bnlib.studies import Study, Preset
+    s = Study("lock", "lock test", None, {"t": Preset(base={**TINY, "epochs": 1}, grid={"seed": [0]})})
+    cfg = bnlib.validate({**TINY, "epochs": 1, "seed": 0, "out_dir": str(tmp_path / "runs")})
+    run_dir = tmp_path / "runs" / bnlib.run_id(cfg)
+    run_dir.mkdir(parents=True)
+    with FileLock(str(run_dir / ".lock")):
+        counts = run_study(s, "t", tmp_path, progress=False, analyze=False)
+    assert counts["failed"] == 0 and counts["skipped"] == 1
+    assert not (run_dir / "status.json").exists()  # nothing written over the other process's run
+
+
+def test_unwritable_outputs_fail_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="out_dir=.*not writable"):
+        bnlib.run({**TINY, "out_dir": str(blocker / "runs")})
+
+
+def _mount_tmpfs(path: Path, opts: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("opts,match", [("ro,size=4m", "not writable"), ("size=1m", "MB free")])
+def test_readonly_or_full_filesystem_fails_before_training(tmp_path, opts, match):
+    mnt = tmp_path / "mnt"
+    if not _mount_tmpfs(mnt, opts):
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    try:
+        with pytest.raises(ConfigError, match=match):
+            bnlib.run({**TINY, "out_dir": str(mnt / "runs")})
+        assert not any(mnt.rglob("config.json"))
+    finally:
+        subprocess.run(["umount", str(mnt)])
