@@ -8,7 +8,6 @@ STAMP := $(VENV)/.bnlib-installed
 PRESET ?= quick
 WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
-export MPLBACKEND := Agg
 
 .PHONY: venv study test lab bench clean-outputs
 
