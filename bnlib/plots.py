@@ -27,6 +27,7 @@ def curves(epochs: pd.DataFrame, steps: pd.DataFrame | None = None, hue: str = "
                        value_vars=["train_loss", "val_loss", "test_loss"], var_name="split", value_name="loss")
     long["split"] = long["split"].str.replace("_loss", "")
     sns.lineplot(long, x="epoch", y="loss", hue=hue, style="split", errorbar=errorbar, ax=axes[0], marker="o")
+    axes[0].set_yscale("log")  # diverging arms would flatten every other curve
     axes[0].set_title("loss per epoch")
     acc = epochs.melt(id_vars=["epoch", hue, "run_id"] if hue != "run_id" else ["epoch", "run_id"],
                       value_vars=["train_acc", "val_acc", "test_acc"], var_name="split", value_name="accuracy")

@@ -1,7 +1,8 @@
 """Training throughput of bnlib's loop against the popular CIFAR loop and the bare model step.
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats N] [--out outputs/bench]
-        [--n-train N] [--threads N] [--budget-s S] [--max-foreign F] [--loops a,b] [--device D]
+        [--n-train N] [--threads N] [--budget-s S] [--max-foreign F] [--wait-idle S] [--loops a,b]
+        [--device D]
 
 One process, one model (resnet18, BN, CIFAR stem; width 0.25 on CPU, 1.0 on CUDA), one data
 set (bnlib's synthetic images, the same training images for every loop), batch size 128.
@@ -26,7 +27,8 @@ Loops, run interleaved (reference, bnlib, bnlib_fp32, ceiling, bnlib_lean, refer
 Medians and min-max over the rounds; ratios of medians, and per-round ratios. The machine may
 be shared: the share of the CPUs other processes used is measured during every measurement, and
 rounds above --max-foreign are left out of the summary when at least 2 clean rounds remain (all
-values stay in the JSON). --budget-s bounds the run: no new round starts that would end past it.
+values stay in the JSON); --wait-idle S makes each round wait up to S seconds for an idle
+machine first. --budget-s bounds the run: no new round starts that would end past it.
 Writes <out>/bench.json (machine, results, ratios, diagnostics_overhead) and prints a table.
 """
 from __future__ import annotations
@@ -128,6 +130,25 @@ class ForeignLoad:
             busy = m1[0] - self.m0[0]
             self.frac = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
         return False
+
+
+def wait_idle(limit_s: float, max_foreign: float, probe_s: float = 2.0) -> float:
+    """Wait (at most limit_s) until other processes use at most max_foreign of the CPUs over
+    a probe_s window; returns the seconds spent."""
+    t0, said = time.perf_counter(), False
+    while True:
+        with ForeignLoad() as fl:
+            time.sleep(probe_s)
+        spent = time.perf_counter() - t0
+        if fl.frac is None or fl.frac <= max_foreign or spent >= limit_s:
+            if said:
+                print(f"  ... waited {spent:.0f} s (other processes now at {100 * (fl.frac or 0):.0f}%)", flush=True)
+            return spent
+        if not said:
+            print(f"  other processes use {100 * fl.frac:.0f}% of the CPUs; waiting up to {limit_s:.0f} s "
+                  f"for them to finish", flush=True)
+            said = True
+        time.sleep(3.0)
 
 
 def sync(device: torch.device) -> None:
@@ -392,6 +413,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-foreign", type=float, default=0.10,
                     help="a round in which other processes used more than this share of the CPUs is left "
                          "out of the summary (when at least 2 clean rounds remain)")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each round wait up to this many seconds for other processes to drop to "
+                         "--max-foreign (the wait does not count in --budget-s); default 0: no waiting")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.json")
     ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated subset of {','.join(LOOPS)}")
@@ -445,15 +469,18 @@ def main(argv=None) -> int:
     stopped_early = None
     with tempfile.TemporaryDirectory(prefix="bnlib-bench-") as tmp:
         root = Path(tmp)
+        waited = 0.0  # seconds spent waiting for an idle machine (not counted in the budget)
         for r in range(repeats):
-            elapsed = time.perf_counter() - t_all
-            if r > 0 and elapsed + (time.perf_counter() - t_first) / r > budget:
+            measuring = time.perf_counter() - t_all - waited
+            if r > 0 and measuring + (measuring - t_first) / r > budget:
                 stopped_early = (f"stopped after {r} of {repeats} rounds: the next would end past "
                                  f"--budget-s {budget:.0f} s")
                 print(f"  {stopped_early}", flush=True)
                 break
+            if a.wait_idle > 0:
+                waited += wait_idle(a.wait_idle, a.max_foreign)
             if r == 0:
-                t_first = time.perf_counter()
+                t_first = time.perf_counter() - t_all - waited
             for name in loops:
                 if gpu:
                     torch.cuda.empty_cache()
@@ -520,7 +547,8 @@ def main(argv=None) -> int:
         "machine": machine,
         "setup": {"model": f"resnet18 norm=bn stem=cifar width={width}", "n_train": n_train, "batch_size": BATCH,
                   "steps_per_epoch": n_train // BATCH, "rounds": n_rounds, "rounds_asked": repeats,
-                  "stopped_early": stopped_early, "budget_s": budget, "order": loops, "quick": a.quick,
+                  "stopped_early": stopped_early, "budget_s": budget, "waited_for_idle_s": waited,
+                  "threads": torch.get_num_threads(), "order": loops, "quick": a.quick,
                   "bnlib_params": {k: cfg[k] for k in ("precision", "channels_last", "log_every", "compile",
                                                        "crop_pad", "flip", "optimizer", "lr", "momentum",
                                                        "weight_decay", "schedule")},
