@@ -15,7 +15,6 @@ ever reported, never used for selection.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 

@@ -15,14 +15,6 @@ from bnlib.data import augment, load_data, make_synthetic, stratified_split
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # make_synthetic
 # ----------------------------------------------------------------------------------------------

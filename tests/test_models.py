@@ -14,15 +14,6 @@ NO_GAMMA_NORMS = [n for n, s in NORMS.items() if not s.has_gamma]
 TINY = [("resnet8", 0.25), ("resnet18", 0.125)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny tensors: intra-op threads only add overhead, and thrash badly on a loaded 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _n_params(model):
     return sum(p.numel() for p in model.parameters())
 

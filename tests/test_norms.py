@@ -9,15 +9,6 @@ from bnlib.norms import NORMS, Affine2d, get_norm, norm_names
 GAMMA_NORMS = [n for n, s in NORMS.items() if s.has_gamma]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny tensors: intra-op threads only add overhead, and thrash badly on a loaded 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batches(n=4, c=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     # shifted and scaled so that the batch statistics are far from (0, 1)

@@ -5,7 +5,6 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 
 import bnlib
 from bnlib.config import ConfigError
