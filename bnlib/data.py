@@ -194,22 +194,26 @@ def load_data(cfg: dict, device: torch.device) -> DeviceData:
 def augment(x: torch.Tensor, crop_pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random crop with zero padding `crop_pad` and random horizontal flip, per image, for a
     whole uint8 batch (B, C, H, W) at once on its device (torchvision's RandomCrop(padding=p)
-    and RandomHorizontalFlip semantics, without a per-image Python loop)."""
+    and RandomHorizontalFlip semantics, without a per-image Python loop). Crop and flip are one
+    gather over the flattened padded images: the flip only mirrors the column index."""
     b, c, h, w = x.shape
-    dev = x.device
-    if crop_pad > 0:
-        p = crop_pad
-        padded = F.pad(x, (p, p, p, p))  # zeros, like RandomCrop(fill=0)
-        dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=generator)
-        dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=generator)
-        rows = (dy + torch.arange(h, device=dev)).view(b, 1, h, 1)
-        cols = (dx + torch.arange(w, device=dev)).view(b, 1, 1, w)
-        x = padded[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
-                   rows, cols]
+    dev, p = x.device, crop_pad
+    if p == 0 and not flip:
+        return x
+    if p > 0:
+        dy = torch.randint(0, 2 * p + 1, (b, 1, 1), device=dev, generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (b, 1, 1), device=dev, generator=generator)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
     if flip:
-        mask = torch.rand(b, 1, 1, 1, device=dev, generator=generator) < 0.5
-        x = torch.where(mask, x.flip(-1), x)
-    return x
+        mirror = torch.rand(b, 1, 1, device=dev, generator=generator) < 0.5
+        cols = torch.where(mirror, (w - 1) - cols, cols)
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    src, wp = x, w
+    if p > 0:  # zeros around, like RandomCrop(fill=0); window offset (dy, dx) in the padded image
+        src, wp = F.pad(x, (p, p, p, p)), w + 2 * p
+        rows, cols = rows + dy, cols + dx
+    idx = (rows * wp + cols).reshape(b, 1, h * w).expand(b, c, h * w)  # (B, C, H*W) flat indices
+    return src.reshape(b, c, -1).gather(2, idx).view(b, c, h, w)
 
 
 def to_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -41,6 +41,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -97,7 +98,21 @@ def machine_info(device: torch.device) -> dict:
                        "cudnn": torch.backends.cudnn.version(), "bf16_supported": torch.cuda.is_bf16_supported()}
     with contextlib.suppress(OSError):
         info["loadavg_at_start"] = os.getloadavg()
+    info["bnlib"] = {"version": bnlib.__version__, "git_commit": _git_commit()}
     return info
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout bnlib is imported from, '+dirty' when tracked files differ."""
+    here = Path(bnlib.__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
 def _cpu_busy_jiffies() -> tuple[float, float] | None:
@@ -403,7 +418,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer images, 2 rounds (~1 min on CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7, --quick 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 10, --quick 2)")
     ap.add_argument("--n-train", type=int, default=None,
                     help="training images per epoch (default CPU 2048 / CUDA 16384; --quick CPU 1024 / CUDA 4096)")
     ap.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu) or a torch device")
@@ -429,9 +444,11 @@ def main(argv=None) -> int:
     width = 1.0 if gpu else 0.25
     n_train = a.n_train or ({True: 4096, False: 1024} if a.quick else {True: 16384, False: 2048})[gpu]
     n_train = max(BATCH, n_train // BATCH * BATCH)
-    repeats = a.repeats or (2 if a.quick else 7)
+    repeats = a.repeats or (2 if a.quick else 10)
     loops = [s.strip() for s in a.loops.split(",") if s.strip()]
     unknown = set(loops) - set(LOOPS)
+    if not loops:
+        ap.error(f"--loops: name at least one of {list(LOOPS)}")
     if unknown:
         ap.error(f"unknown loops {sorted(unknown)}; valid: {list(LOOPS)}")
     warm_steps = 2  # untimed steps before each timed reference/ceiling epoch
@@ -453,7 +470,7 @@ def main(argv=None) -> int:
     print(f"device {device} ({machine.get('gpu', machine['cpu'])['name' if gpu else 'model_name']}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; resnet18 width {width}, "
           f"{n_train} train images, batch {BATCH}, bnlib precision {cfg['precision']}, "
-          f"{repeats} repeat(s) of {loops}", flush=True)
+          f"up to {repeats} interleaved round(s) of {loops}", flush=True)
 
     ref = ReferenceLoop(data, width, device) if "reference" in loops else None
     ceil_ = CeilingLoop(data, cfg, device) if "ceiling" in loops else None
@@ -466,24 +483,33 @@ def main(argv=None) -> int:
                  "ceiling": cfg["precision"], "bnlib_lean": cfg["precision"]}
     budget = a.budget_s if a.budget_s is not None else (75.0 if a.quick else 330.0)
     per = {k: [] for k in loops}
-    stopped_early = None
+    stopped_early, partial = None, None
+    last_s = {}  # each config's duration in the previous round: predicts the next one
+
+    def measuring() -> float:  # seconds since start, less the waits for an idle machine
+        return time.perf_counter() - t_all - waited
+
     with tempfile.TemporaryDirectory(prefix="bnlib-bench-") as tmp:
         root = Path(tmp)
-        waited = 0.0  # seconds spent waiting for an idle machine (not counted in the budget)
+        waited = 0.0
         for r in range(repeats):
-            measuring = time.perf_counter() - t_all - waited
-            if r > 0 and measuring + (measuring - t_first) / r > budget:
+            if r > 0 and measuring() + sum(last_s.values()) > budget:
                 stopped_early = (f"stopped after {r} of {repeats} rounds: the next would end past "
                                  f"--budget-s {budget:.0f} s")
-                print(f"  {stopped_early}", flush=True)
                 break
             if a.wait_idle > 0:
                 waited += wait_idle(a.wait_idle, a.max_foreign)
-            if r == 0:
-                t_first = time.perf_counter() - t_all - waited
+            row = {}
             for name in loops:
+                # a busy machine can make a round far longer than the last: give up on a round
+                # (it is left out) rather than run past the budget by more than one config
+                if r > 0 and measuring() + last_s[name] > budget:
+                    stopped_early = (f"stopped in round {r + 1} of {repeats} before {name}: it would end past "
+                                     f"--budget-s {budget:.0f} s (the unfinished round is left out)")
+                    break
                 if gpu:
                     torch.cuda.empty_cache()
+                t_cfg = time.perf_counter()
                 with MemoryMeter(device, children=name == "reference") as mm, ForeignLoad() as fl:
                     if name == "reference":
                         ref.warmup(warm_steps)
@@ -494,12 +520,20 @@ def main(argv=None) -> int:
                     else:
                         c = {"bnlib": cfg, "bnlib_fp32": cfg32, "bnlib_lean": cfg_lean}[name]
                         res = bnlib_epoch(c, name == "bnlib_lean", root, f"r{r}-{name}")
+                last_s[name] = time.perf_counter() - t_cfg
                 res.update(mm.record())
                 res["foreign_cpu_frac"] = fl.frac
-                per[name].append(res)
+                row[name] = res
                 busy = "" if fl.frac is None else f", other processes used {100 * fl.frac:.0f}% of the CPUs"
                 print(f"  round {r + 1}/{repeats}  {name:<11} {res['img_per_s']:8.1f} img/s  "
                       f"({res['seconds']:.2f} s{busy})", flush=True)
+            if len(row) < len(loops):
+                partial = row
+                break
+            for name in loops:
+                per[name].append(row[name])
+    if stopped_early:
+        print(f"  {stopped_early}", flush=True)
 
     # --- summary: over the rounds no other process disturbed, when there are enough of them ----
     n_rounds = len(per[loops[0]])
@@ -547,7 +581,8 @@ def main(argv=None) -> int:
         "machine": machine,
         "setup": {"model": f"resnet18 norm=bn stem=cifar width={width}", "n_train": n_train, "batch_size": BATCH,
                   "steps_per_epoch": n_train // BATCH, "rounds": n_rounds, "rounds_asked": repeats,
-                  "stopped_early": stopped_early, "budget_s": budget, "waited_for_idle_s": waited,
+                  "stopped_early": stopped_early, "unfinished_round": partial, "budget_s": budget,
+                  "waited_for_idle_s": waited,
                   "threads": torch.get_num_threads(), "order": loops, "quick": a.quick,
                   "bnlib_params": {k: cfg[k] for k in ("precision", "channels_last", "log_every", "compile",
                                                        "crop_pad", "flip", "optimizer", "lr", "momentum",
@@ -562,7 +597,11 @@ def main(argv=None) -> int:
                                      "DataLoader(num_workers=2, shuffle, drop_last, persistent_workers=False), "
                                      "fp32 NCHW, SGD(lr 0.1, momentum 0.9, wd 5e-4), loss.item() per step; "
                                      "the epoch timer includes the workers' start-up."),
-                  "progress_bar": "off in every bnlib run (progress=False)"},
+                  "progress_bar": "off in every bnlib run (progress=False)",
+                  "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                  "timers": ("reference/ceiling: perf_counter around the epoch, torch.cuda.synchronize before "
+                             "both reads on CUDA; bnlib: its own epoch timer, read after the epoch's last step "
+                             "has copied its logged values to the host (a synchronization on CUDA)")},
         "summary_over": summary_over,
         "round_foreign_cpu_frac": round_foreign,
         "foreign_cpu_note": ("foreign_cpu_frac: share of all CPUs used by other processes (and hypervisor steal) "
