@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from filelock import FileLock
 
 import bnlib
@@ -41,7 +42,9 @@ def _wait_for(pred, proc, timeout=120):
 
 def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     ref = bnlib.run({**TINY, "out_dir": str(tmp_path / "ref")})
-    proc = subprocess.Popen(_cli(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # same thread count as this process (conftest: 1), so float reductions run in the same order
+    proc = subprocess.Popen(_cli(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     run_dir = tmp_path / "killed" / ref.run_dir.name
     _wait_for(lambda: (run_dir / "checkpoint.pt").exists(), proc)
     proc.send_signal(signal.SIGKILL)

@@ -1,10 +1,12 @@
 """The training loop and its records, on tiny real runs (seconds each on a 2-core CPU)."""
 import json
+import os
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+import torch
 
 import bnlib
 from bnlib.config import ConfigError
@@ -77,7 +79,9 @@ def test_cli_and_python_give_identical_records(tmp_path):
     args = [sys.executable, "-m", "bnlib", "run", "--out_dir", str(tmp_path / "cli"), "--precision", "fp32"]
     for k, v in TINY.items():
         args += [f"--{k}", json.dumps(v)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    # same thread count as this process (conftest: 1), so float reductions run in the same order
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     assert out.returncode == 0, out.stderr
     py = bnlib.run(tiny(tmp_path / "py", precision="fp32"))
     cli_dir = tmp_path / "cli" / py.run_dir.name
