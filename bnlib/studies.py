@@ -86,9 +86,9 @@ register_study(Study(
     derive=_lr_scaled_with_batch,
     presets={
         "quick": Preset(
-            base=dict(dataset="synthetic", synthetic_size=2000, n_test=1000, width=0.125, epochs=2,
+            base=dict(dataset="synthetic", synthetic_size=1600, n_test=1000, width=0.125, epochs=2,
                       base_lr=0.1, weight_decay=5e-4, schedule="cosine", log_every=5, eval_batch_size=500),
-            grid=dict(norm=["bn", "bn_minus", "affine", "none"], arch=["resnet18", "resnet50"],
+            grid=dict(norm=["bn", "bn_minus", "affine", "none"], arch=["resnet18", "resnet34"],
                       batch_size=[32, 128], seed=[0, 1])),
         "paper": Preset(
             base=dict(dataset="cifar10", width=1.0, epochs=100, base_lr=0.1, weight_decay=5e-4,
