@@ -56,7 +56,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """HEAD of the checkout bnlib is imported from, '+dirty' when tracked files differ."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -90,7 +91,7 @@ def provenance(cfg: dict) -> dict:
     from . import __version__
 
     dev = torch.device(cfg["device"])
-    return {"bnlib_version": __version__, "git_commit": _git_commit(), "torch": torch.__version__,
+    return {"bnlib_version": __version__, "git_commit": git_commit(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__, "pandas": pd.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "device": str(dev), "device_name": _device_name(dev), "precision": cfg["precision"],

@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -57,7 +56,7 @@ from PIL import Image
 import bnlib
 from bnlib.data import load_data, to_input
 from bnlib.models import create_model
-from bnlib.records import RunDir
+from bnlib.records import RunDir, git_commit
 from bnlib.train import build_model, make_optimizer, param_groups
 from bnlib.train import train as bnlib_train
 
@@ -98,21 +97,8 @@ def machine_info(device: torch.device) -> dict:
                        "cudnn": torch.backends.cudnn.version(), "bf16_supported": torch.cuda.is_bf16_supported()}
     with contextlib.suppress(OSError):
         info["loadavg_at_start"] = os.getloadavg()
-    info["bnlib"] = {"version": bnlib.__version__, "git_commit": _git_commit()}
+    info["bnlib"] = {"version": bnlib.__version__, "git_commit": git_commit()}
     return info
-
-
-def _git_commit() -> str | None:
-    """HEAD of the checkout bnlib is imported from, '+dirty' when tracked files differ."""
-    here = Path(bnlib.__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
 def _cpu_busy_jiffies() -> tuple[float, float] | None:
