@@ -55,7 +55,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(json.dumps({k: res.get(k) for k in ("status", "diverged_step", "metrics", "run_dir")}, indent=1))
-        return 0 if res["status"] in ("completed", "diverged") else 1
+        from .records import FINISHED
+
+        return 0 if res["status"] in FINISHED else 1
     if cmd == "study":
         from .grid import run_all, run_study
 

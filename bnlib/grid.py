@@ -18,14 +18,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import ConfigError, validate
-from .records import RunDir, atomic_write, run_id
+from .records import FINISHED, RunDir, atomic_write, run_id
 from .studies import STUDIES, Study, get_study
 
 __all__ = ["run_study", "run_all", "plan", "load_study", "execute_notebook", "ROOT", "NOTEBOOKS"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-DONE = ("completed", "diverged")
 
 
 def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -> None:
@@ -50,7 +49,7 @@ def plan(study: Study, preset: str, out: Path) -> list[dict]:
         rid = run_id(cfg)
         rd = RunDir(runs_dir / rid)
         status = (rd.status() or {}).get("status")
-        if status in DONE and (problem := rd.verify()):
+        if status in FINISHED and (problem := rd.verify()):
             print(f"  {rid}: {status} but damaged ({problem}): will run again", file=sys.stderr)
             status = "damaged"
         items.append({"params": {**point, "out_dir": str(runs_dir)}, "run_id": rid, "status": status,
@@ -66,9 +65,9 @@ def _execute_point(item: dict, threads: int | None = None) -> dict:
         os.environ["OMP_NUM_THREADS"] = str(threads)
     rd = RunDir(Path(item["params"]["out_dir"]) / item["run_id"])
     t0 = time.perf_counter()
-    if item["status"] != "damaged" and (rd.status() or {}).get("status") in DONE:  # finished elsewhere meanwhile
+    if item["status"] != "damaged" and (rd.status() or {}).get("status") in FINISHED:  # finished elsewhere meanwhile
         return {"run_id": item["run_id"], "status": "skipped", "seconds": 0.0}
-    if rd.path.exists() and _locked(rd.path):
+    if rd.path.exists() and rd.locked():
         return {"run_id": item["run_id"], "status": "locked", "seconds": 0.0}
     try:
         execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"])
@@ -86,18 +85,6 @@ def _execute_point(item: dict, threads: int | None = None) -> dict:
     return {"run_id": item["run_id"], "status": st.get("status", "failed"), "seconds": time.perf_counter() - t0}
 
 
-def _locked(path: Path) -> bool:
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
-
-
 def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
               scheduler: str | None = None, analyze: bool = True, progress: bool = True) -> Counter:
     """Run (or resume) every point of `study` at `preset`, then its analysis notebook.
@@ -105,7 +92,7 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     study = get_study(study) if isinstance(study, str) else study
     out = Path(out).resolve()
     items = plan(study, preset, out)
-    todo = [it for it in items if it["status"] not in DONE]
+    todo = [it for it in items if it["status"] not in FINISHED]
     counts = Counter(skipped=len(items) - len(todo))
     print(f"study {study.name} [{preset}]: {len(items)} runs, {sum(i['epochs'] for i in items)} epochs "
           f"({len(todo)} to run, {counts['skipped']} already done) -> {out / 'runs'}", flush=True)

@@ -27,9 +27,10 @@ import torch
 
 from .config import IDENTITY_EXCLUDED
 
-__all__ = ["run_id", "provenance", "RunDir", "Runs", "load_runs", "atomic_write", "STATUSES"]
+__all__ = ["run_id", "provenance", "RunDir", "Runs", "load_runs", "atomic_write", "STATUSES", "FINISHED"]
 
 STATUSES = ("running", "completed", "diverged", "failed")
+FINISHED = ("completed", "diverged")  # results: skipped on rerun, loaded by load_runs
 TABLES = ("epochs", "steps", "norm_params")
 
 
@@ -126,6 +127,25 @@ class RunDir:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def lock(self):
+        """The run's lock: one process per run directory. flock is released by the kernel when
+        its holder dies, so a killed run never blocks the rerun that resumes it."""
+        from filelock import FileLock
+
+        return FileLock(str(self.path / ".lock"))
+
+    def locked(self) -> bool:
+        """True when another live process holds the run's lock."""
+        from filelock import Timeout
+
+        lock = self.lock()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
     def verify(self) -> str | None:
         """None when the run's records are whole; else what is wrong (a truncated or unreadable
         file). Checked before a finished run is trusted, skipped or loaded."""
@@ -185,7 +205,7 @@ def _flat_status(st: dict) -> dict:
     return out
 
 
-def load_runs(path="outputs/runs", statuses=("completed", "diverged"), run_ids=None) -> Runs:
+def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
     """Read every run directory under `path` (searched recursively for config.json; only those
     named in `run_ids` if given). Runs whose status is not in `statuses` (e.g. still running, or
     failed) or whose files cannot be read are left out and listed in `.skipped` with the reason."""

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock, Timeout
+from filelock import Timeout
 from tqdm import tqdm
 
 from .config import ConfigError, validate
 from .data import augment, load_data, steps_per_epoch, to_input
 from .models import create_model
 from .norms import Affine2d
-from .records import RunDir, provenance, run_id
+from .records import FINISHED, RunDir, provenance, run_id
 
 __all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups", "NormTracker", "build_model", "RunResult"]
 
@@ -336,19 +336,18 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
     out_dir = Path(cfg["out_dir"]).expanduser()
     rd = RunDir(out_dir / rid)
     old = rd.status() if rd.path.exists() else None
-    problem = rd.verify() if old and old.get("status") in ("completed", "diverged") else None
+    finished = bool(old) and old.get("status") in FINISHED
+    problem = rd.verify() if finished else None
     if problem:
         print(f"run {rid}: records damaged ({problem}); running it again", file=sys.stderr)
         rerun = True
-    elif old and old.get("status") in ("completed", "diverged") and not rerun:
+    elif finished and not rerun:
         if cfg["progress"]:
             print(f"run {rid}: already {old['status']}; loaded from {rd.path}", file=sys.stderr)
         return RunResult({**old, "run_dir": str(rd.path)})
     check_writable(out_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
-    # One process per run directory at a time. flock is released by the kernel when its holder
-    # dies, so a killed run never blocks the rerun that resumes it.
-    lock = FileLock(str(rd.path / ".lock"))
+    lock = rd.lock()  # one process per run directory at a time
     try:
         lock.acquire(timeout=0)
     except Timeout:
