@@ -15,6 +15,7 @@ ever reported, never used for selection.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -22,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import TRAIN_POOL, ConfigError
+
 __all__ = ["DeviceData", "DATASETS", "load_data", "make_synthetic", "stratified_split", "augment",
-           "to_input"]
+           "to_input", "check_data"]
 
 
 @dataclass
@@ -110,25 +113,32 @@ def _load_synthetic(cfg) -> tuple:
     return xtr, ytr, xte, yte, 10
 
 
+@functools.lru_cache(maxsize=2)
+def _cifar_arrays(name: str, root: str, download: bool) -> tuple:
+    """CIFAR through torchvision, as numpy (N, C, H, W) uint8 arrays. Cached per process, so the
+    availability check before a run and the run itself read the files once."""
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        tr = cls(root=root, train=True, download=download)
+        te = cls(root=root, train=False, download=False)
+    except Exception as e:  # offline download failure, or files absent / corrupt
+        folder = os.path.join(root, cls.base_folder)
+        raise ConfigError(
+            f"dataset={name!r}: could not load it from data_dir={root!r} with download={download} "
+            f"({type(e).__name__}: {e}). Offline, put the extracted '{cls.base_folder}' folder (from "
+            f"{cls.filename}) at {folder!r}, or the archive {cls.filename!r} in {root!r} and pass "
+            f"download=True; or use dataset='synthetic', which needs no files."
+        ) from None
+    # torchvision keeps CIFAR as (N, 32, 32, 3) uint8 numpy + a list of labels
+    return (tr.data.transpose(0, 3, 1, 2), np.asarray(tr.targets, np.int64),
+            te.data.transpose(0, 3, 1, 2), np.asarray(te.targets, np.int64), len(tr.classes))
+
+
 def _load_torchvision_cifar(name: str):
     def load(cfg) -> tuple:
-        import torchvision
-
-        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-        root = os.path.expanduser(cfg["data_dir"])
-        try:
-            tr = cls(root=root, train=True, download=cfg["download"])
-            te = cls(root=root, train=False, download=False)
-        except Exception as e:  # offline download failure, or files absent / corrupt
-            folder = os.path.join(root, cls.base_folder)
-            raise ValueError(
-                f"dataset={name!r}: could not load it from data_dir={root!r} ({type(e).__name__}: {e}). "
-                f"Offline, put the extracted '{cls.base_folder}' folder (from {cls.filename}) at "
-                f"{folder!r}, or the archive {cls.filename!r} in {root!r} and pass download=True."
-            ) from None
-        # torchvision keeps CIFAR as (N, 32, 32, 3) uint8 numpy + a list of labels
-        return (tr.data.transpose(0, 3, 1, 2), np.asarray(tr.targets, np.int64),
-                te.data.transpose(0, 3, 1, 2), np.asarray(te.targets, np.int64), len(tr.classes))
+        return _cifar_arrays(name, os.path.expanduser(cfg["data_dir"]), bool(cfg["download"]))
 
     return load
 
@@ -138,6 +148,16 @@ DATASETS = {
     "cifar10": _load_torchvision_cifar("cifar10"),
     "cifar100": _load_torchvision_cifar("cifar100"),
 }
+# Data sets read from files (or downloaded): checked before a run or a study starts.
+FILE_DATASETS = tuple(TRAIN_POOL)
+
+
+def check_data(cfg: dict) -> None:
+    """Raise ConfigError (naming dataset, data_dir and what to do) when a file-backed data set
+    cannot be loaded, e.g. offline with no local copy. Called before a run directory is made
+    and before a study's first run, so a missing data set never leaves half-written runs."""
+    if cfg["dataset"] in FILE_DATASETS:
+        DATASETS[cfg["dataset"]](cfg)
 
 
 # ----------------------------------------------------------------------------------------------

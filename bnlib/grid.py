@@ -2,8 +2,10 @@
 directory, then the study's analysis notebook; `study all` adds the summary and the report.
 
 Resume follows from run identity: a point whose run directory says `completed` or `diverged`
-is skipped. A point whose notebook fails is recorded `failed` with its error and the grid goes
-on. With `workers > 1` the points run on a Dask cluster (local processes, or `scheduler=` an
+is skipped; an interrupted or failed one resumes from its last checkpoint. A point whose
+notebook fails (an error, running out of memory, a killed kernel) is recorded `failed` with its
+reason and the grid goes on. Two study processes on one outputs folder share the work: a point
+held by the other is left to it, and waited for at the end. With `workers > 1` the points run on a Dask cluster (local processes, or `scheduler=` an
 existing cluster's address), one papermill kernel per task.
 """
 from __future__ import annotations
@@ -37,15 +39,20 @@ def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -
 
 
 def plan(study: Study, preset: str, out: Path) -> list[dict]:
-    """Validate every point before anything runs; return [{params, run_id, status}]."""
+    """Check every point before anything runs (parameters, data sets, the outputs folder);
+    return [{params, run_id, status, epochs}]. Raises ConfigError listing every problem."""
+    from .data import check_data
+    from .train import check_writable
+
     runs_dir = Path(out) / "runs"
-    items, errors = [], []
+    items, errors, data_specs = [], [], {}
     for i, point in enumerate(study.points(preset)):
         try:
             cfg = validate({**point, "out_dir": str(runs_dir)})
         except ConfigError as e:
             errors.append(f"point {i} {point}: {e}")
             continue
+        data_specs.setdefault((cfg["dataset"], cfg["data_dir"], cfg["download"]), cfg)
         rid = run_id(cfg)
         rd = RunDir(runs_dir / rid)
         status = (rd.status() or {}).get("status")
@@ -54,35 +61,73 @@ def plan(study: Study, preset: str, out: Path) -> list[dict]:
             status = "damaged"
         items.append({"params": {**point, "out_dir": str(runs_dir)}, "run_id": rid, "status": status,
                       "epochs": cfg["epochs"]})
+    for cfg in data_specs.values():  # once per data set, not once per point
+        try:
+            check_data(cfg)
+        except ConfigError as e:
+            errors.append(str(e))
     if errors:
         raise ConfigError(f"study {study.name!r} preset {preset!r} has invalid points:\n" + "\n".join(errors))
+    check_writable(runs_dir)
     return items
 
 
-def _execute_point(item: dict, threads: int | None = None) -> dict:
-    """Run one grid point through run.ipynb; never raises (a failure is a recorded result)."""
+def _failure_reason(e: Exception, before: dict | None, after: dict | None) -> str:
+    """Why a point's notebook failed: the run's own recorded error when it wrote one (e.g.
+    "out of memory: ..."), else what the notebook or the kernel reported."""
+    if after and after != before and after.get("status") == "failed" and after.get("error"):
+        return after["error"]
+    if type(e).__name__ == "DeadKernelError":
+        return ("kernel died: the run's process was killed (by the OS out-of-memory killer, a scheduler or "
+                "a signal) or crashed; run the study again to resume it from its last checkpoint")
+    return f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}"
+
+
+def _execute_point(item: dict, threads: int | None = None, wait: bool = False) -> dict:
+    """Run one grid point through run.ipynb; never raises (a failure is a recorded result).
+
+    The study runner holds the run directory's "notebook" lock while papermill writes the
+    executed notebook there; the kernel's bnlib.run holds the "run" lock while it trains. A
+    point held by another live process is "locked" (with `wait`, block until it is free)."""
+    from filelock import Timeout
+
     if threads:  # the kernel inherits this environment
         os.environ["OMP_NUM_THREADS"] = str(threads)
     rd = RunDir(Path(item["params"]["out_dir"]) / item["run_id"])
+    res = {"run_id": item["run_id"], "seconds": 0.0}
     t0 = time.perf_counter()
-    if item["status"] != "damaged" and (rd.status() or {}).get("status") in FINISHED:  # finished elsewhere meanwhile
-        return {"run_id": item["run_id"], "status": "skipped", "seconds": 0.0}
-    if rd.path.exists() and rd.locked():
-        return {"run_id": item["run_id"], "status": "locked", "seconds": 0.0}
     try:
-        execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"])
-    except Exception as e:  # noqa: BLE001 — papermill errors, a dead kernel, ...
-        if getattr(e, "ename", None) == "RunLocked":  # another live process runs it: not ours to mark
-            return {"run_id": item["run_id"], "status": "locked", "seconds": time.perf_counter() - t0}
+        rd.path.mkdir(parents=True, exist_ok=True)
+        nb_lock = rd.lock("notebook")
+        nb_lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return {**res, "status": "locked"}
+    except OSError as e:
+        return {**res, "status": "failed", "error": f"cannot write {rd.path}: {e}"}
+    try:
+        before = rd.status()
+        if (before or {}).get("status") in FINISHED and not rd.verify():  # finished elsewhere meanwhile
+            return {**res, "status": "skipped"}
+        if rd.locked("run"):  # a live `bnlib run` of the same parameters outside this study
+            return {**res, "status": "locked"}
+        try:
+            execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"])
+        except Exception as e:  # noqa: BLE001 — papermill errors, a dead kernel, ...
+            if getattr(e, "ename", None) == "RunLocked":  # another live process runs it: not ours to mark
+                return {**res, "status": "locked", "seconds": time.perf_counter() - t0}
+            st = rd.status()
+            reason = _failure_reason(e, before, st)
+            st = st or {}
+            try:
+                rd.write_json("status", {**st, "status": "failed", "training_status": st.get("status"),
+                                         "error": reason[:2000], "notebook": str(rd.path / "run.ipynb")})
+            except OSError as w:
+                reason += f" (and its status could not be written: {w})"
+            return {**res, "status": "failed", "error": reason[:300], "seconds": time.perf_counter() - t0}
         st = rd.status() or {}
-        err = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}"
-        if not rd.path.exists():
-            rd.path.mkdir(parents=True)
-        rd.write_json("status", {**st, "status": "failed", "training_status": st.get("status"),
-                                 "error": err[:2000], "notebook": str(rd.path / "run.ipynb")})
-        return {"run_id": item["run_id"], "status": "failed", "error": err[:300], "seconds": time.perf_counter() - t0}
-    st = rd.status() or {}
-    return {"run_id": item["run_id"], "status": st.get("status", "failed"), "seconds": time.perf_counter() - t0}
+        return {**res, "status": st.get("status", "failed"), "seconds": time.perf_counter() - t0}
+    finally:
+        nb_lock.release()
 
 
 def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
@@ -99,14 +144,26 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     _write_manifest(study, preset, out, items)
     bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="run", disable=not progress or not todo,
                file=sys.stderr)
+    held = []
     for res in _map(todo, workers, scheduler):
-        counts[res["status"]] += 1
+        if res["status"] == "locked":  # another live process runs it now
+            held.append(next(it for it in todo if it["run_id"] == res["run_id"]))
+        else:
+            counts[res["status"]] += 1
         if res["status"] == "failed":
             tqdm.write(f"  failed: {res['run_id']}: {res.get('error', '')}", file=sys.stderr)
-        bar.set_postfix({k: counts[k] for k in ("completed", "diverged", "failed")}, refresh=False)
+        bar.set_postfix({k: counts[k] for k in ("completed", "diverged", "failed")} | {"elsewhere": len(held)},
+                        refresh=False)
         bar.update(1)
     bar.close()
-    counts["skipped"] += counts.pop("locked", 0)  # held by another live study process
+    if held:  # another live process had them: wait for it, then take over what it left undone
+        print(f"study {study.name}: waiting for {len(held)} run(s) held by another process", flush=True)
+        for it in held:
+            res = _execute_point(it, wait=True)
+            counts[res["status"]] += 1
+            if res["status"] == "failed":
+                print(f"  failed: {res['run_id']}: {res.get('error', '')}", file=sys.stderr)
+    counts["skipped"] += counts.pop("locked", 0)  # still held by a live process outside any study
     print(f"study {study.name}: " + " / ".join(f"{k} {counts[k]}" for k in ("completed", "diverged", "failed",
                                                                            "skipped")), flush=True)
     if analyze and study.notebook:

@@ -127,18 +127,23 @@ class RunDir:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def lock(self):
-        """The run's lock: one process per run directory. flock is released by the kernel when
-        its holder dies, so a killed run never blocks the rerun that resumes it."""
+    LOCKS = {"run": ".lock", "notebook": ".notebook.lock"}
+
+    def lock(self, which: str = "run"):
+        """A lock on the run directory. "run": held by the process that trains and records the
+        run (bnlib.run). "notebook": held by the study runner that executes run.ipynb into the
+        directory, so two study processes never write the same executed notebook. Both are
+        flock locks, released by the OS when their holder dies, so a killed process never
+        blocks the rerun that resumes its work."""
         from filelock import FileLock
 
-        return FileLock(str(self.path / ".lock"))
+        return FileLock(str(self.path / self.LOCKS[which]))
 
-    def locked(self) -> bool:
-        """True when another live process holds the run's lock."""
+    def locked(self, which: str = "run") -> bool:
+        """True when another live process holds the lock."""
         from filelock import Timeout
 
-        lock = self.lock()
+        lock = self.lock(which)
         try:
             lock.acquire(timeout=0)
         except Timeout:

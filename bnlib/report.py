@@ -74,6 +74,8 @@ def build_report(out="outputs") -> Path:
         rel = page(nb, f"runs/{rd.id}.html")
         acc = f"{m['best_val_acc']:.3f} / {m['test_acc_at_best_val']:.3f}" if "best_val_acc" in m else ""
         extra = f" at step {st['diverged_step']}" if st.get("diverged_step") is not None else ""
+        if st.get("status") == "failed" and st.get("error"):  # why, on the index itself
+            extra = f": {html.escape(st['error'].splitlines()[0][:200])}"
         run_rows.append(f'<tr><td><a href="{rel}">{html.escape(rd.id)}</a></td><td>{st.get("status", "?")}{extra}</td>'
                         f"<td>{acc}</td></tr>")
     sections.append("<h2>Runs</h2><table><tr><th>run</th><th>status</th><th>best val acc / test acc at it</th></tr>"

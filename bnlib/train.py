@@ -27,7 +27,7 @@ from filelock import Timeout
 from tqdm import tqdm
 
 from .config import ConfigError, validate
-from .data import augment, load_data, steps_per_epoch, to_input
+from .data import augment, check_data, load_data, steps_per_epoch, to_input
 from .models import create_model
 from .norms import Affine2d
 from .records import FINISHED, RunDir, provenance, run_id
@@ -307,6 +307,14 @@ class RunResult(dict):
         return Path(self["run_dir"])
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, the CPU allocator's "can't allocate memory" (e.g. under a ulimit
+    or cgroup limit), MPS's "out of memory", or Python's MemoryError."""
+    msg = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in msg \
+        or "can't allocate memory" in msg
+
+
 class RunLocked(RuntimeError):
     """Another live process is running this run (same parameters, same outputs folder)."""
 
@@ -328,9 +336,10 @@ def check_writable(out_dir: Path, min_free_mb: float = 50.0) -> None:
 
 def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
     """Validate, make the run directory, train, record. A completed or diverged run already on
-    disk is returned as it is unless `rerun`; an interrupted one resumes from its last epoch
-    checkpoint. Bad parameters or an unwritable outputs folder raise ConfigError before anything
-    is written; a run held by another live process raises RunLocked."""
+    disk is returned as it is unless `rerun`; an interrupted or failed one resumes from its last
+    epoch checkpoint. Bad parameters, a data set that cannot be loaded or an unwritable outputs
+    folder raise ConfigError before anything is written; a run held by another live process
+    raises RunLocked."""
     cfg = validate(params, **kw)
     rid = run_id(cfg)
     out_dir = Path(cfg["out_dir"]).expanduser()
@@ -345,6 +354,7 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
         if cfg["progress"]:
             print(f"run {rid}: already {old['status']}; loaded from {rd.path}", file=sys.stderr)
         return RunResult({**old, "run_dir": str(rd.path)})
+    check_data(cfg)
     check_writable(out_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
     lock = rd.lock()  # one process per run directory at a time
@@ -366,7 +376,7 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
             status = train({**cfg, "_desc": rid[:40]}, rd)
         except BaseException as e:
             reason = f"{type(e).__name__}: {e}"
-            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            if is_out_of_memory(e):
                 reason = f"out of memory: {reason}"
             rd.write_json("status", {"status": "failed", "started": started,
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "error": reason,

@@ -320,7 +320,7 @@ def test_cifar10_loader_reads_real_format(fake_cifar10):
 
 def test_cifar10_missing_folder_raises(tmp_path):
     cfg = bnlib.validate(dataset="cifar10", data_dir=str(tmp_path), download=False)
-    with pytest.raises(ValueError) as ei:
+    with pytest.raises(bnlib.ConfigError) as ei:
         load_data(cfg, CPU)
     msg = str(ei.value)
     assert "cifar-10-batches-py" in msg

@@ -105,6 +105,24 @@ def test_bad_parameters_fail_before_anything_is_written(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_missing_dataset_offline_fails_before_anything_is_written(tmp_path):
+    """No CIFAR files and no download: a ConfigError naming the data set, the folder and what to
+    do, raised before the run directory exists (from Python and from the CLI)."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    params = tiny(tmp_path / "runs", dataset="cifar10", data_dir=str(empty), download=False)
+    with pytest.raises(ConfigError) as e:
+        bnlib.run(params)
+    msg = str(e.value)
+    assert "dataset='cifar10'" in msg and str(empty) in msg and "cifar-10-batches-py" in msg and "synthetic" in msg
+    assert not (tmp_path / "runs").exists()
+    out = subprocess.run([sys.executable, "-m", "bnlib", "run", "--out_dir", str(tmp_path / "runs"), "--dataset",
+                          "cifar10", "--data_dir", str(empty), "--download", "false", "--progress", "false"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "dataset='cifar10'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_load_runs_joins_config_and_skips_unfinished(tmp_path):
     bnlib.run(tiny(tmp_path, norm="bn"))
     bnlib.run(tiny(tmp_path, norm="bn_minus"))
