@@ -154,3 +154,82 @@ def test_readonly_or_full_filesystem_fails_before_training(tmp_path, opts, match
         assert not any(mnt.rglob("config.json"))
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+STUDY_SCRIPT = """
+import sys
+from bnlib.grid import run_study
+from bnlib.studies import Preset, Study
+s = Study(sys.argv[2], "reliability test", None, {{"t": Preset(base={base!r}, grid={{"seed": {seeds!r}}})}})
+run_study(s, "t", sys.argv[1], progress=False)
+"""
+
+
+def _study_proc(out, name, seeds, **base):
+    script = STUDY_SCRIPT.format(base={**TINY, **base}, seeds=seeds)
+    return subprocess.Popen([sys.executable, "-c", script, str(out), name], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _final_counts(stdout: str, name: str) -> dict:
+    """The runner's last line: 'study NAME: completed a / diverged b / failed c / skipped d'."""
+    line = [ln for ln in stdout.splitlines() if ln.startswith(f"study {name}: completed")][-1]
+    return {k: int(v) for v, k in (part.split()[::-1] for part in line.split(": ", 1)[1].split(" / "))}
+
+
+def test_killed_kernel_is_recorded_failed_the_grid_goes_on_and_a_rerun_resumes_it(tmp_path):
+    """The OS out-of-memory killer (or a scheduler) SIGKILLs one run's kernel: that run is
+    `failed` with the reason, the next point still runs, and running the study again resumes
+    the killed run from its last checkpoint."""
+    out = tmp_path / "out"
+    proc = _study_proc(out, "dead", [0, 1])
+    runs = out / "runs"
+
+    def running_with_checkpoint():
+        for st in runs.glob("*/status.json") if runs.exists() else []:
+            s = json.loads(st.read_text())
+            if s["status"] == "running" and (st.parent / "checkpoint.pt").exists():
+                return s["pid"], st.parent
+        return None
+
+    _wait_for(running_with_checkpoint, proc, timeout=240)
+    pid, victim = running_with_checkpoint()
+    assert pid != proc.pid  # the kernel, not the study runner
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert _final_counts(stdout, "dead") == {"completed": 1, "diverged": 0, "failed": 1, "skipped": 0}, stdout
+    st = json.loads((victim / "status.json").read_text())
+    assert st["status"] == "failed" and st["error"].startswith("kernel died") and "resume" in st["error"]
+    assert "kernel died" in stderr
+
+    again = _study_proc(out, "dead", [0, 1])
+    stdout, stderr = again.communicate(timeout=300)
+    assert _final_counts(stdout, "dead") == {"completed": 1, "diverged": 0, "failed": 0, "skipped": 1}, stdout
+    st = json.loads((victim / "status.json").read_text())
+    assert st["status"] == "completed" and st["resumed_from_epoch"] >= 1
+    assert pd.read_parquet(victim / "epochs.parquet").epoch.tolist() == [1, 2, 3, 4]
+
+
+def test_two_study_processes_on_one_folder_run_each_point_once(tmp_path):
+    """Two runners started together on the same outputs folder split the points between them:
+    every run is trained by exactly one process, each runner ends with the whole study done,
+    and no run's records or executed notebook are written by both."""
+    out = tmp_path / "out"
+    seeds = [0, 1, 2, 3]
+    procs = [_study_proc(out, "share", seeds, epochs=2) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-2000:]
+    counts = [_final_counts(stdout, "share") for stdout, _ in results]
+    assert sum(c["completed"] for c in counts) == len(seeds), counts  # each point trained once
+    for c in counts:  # and each runner saw the whole study finished
+        assert c["failed"] == 0 and c["completed"] + c["skipped"] == len(seeds), counts
+    for d in (out / "runs").iterdir():
+        st = json.loads((d / "status.json").read_text())
+        assert st["status"] == "completed" and not st.get("resumed_from_epoch"), st
+        steps = pd.read_parquet(d / "steps.parquet")
+        assert steps.step.is_unique
+        assert pd.read_parquet(d / "epochs.parquet").epoch.tolist() == [1, 2]
+        nb = json.loads((d / "run.ipynb").read_text())  # one whole notebook, by one writer
+        assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
