@@ -233,7 +233,12 @@ def validate(params: dict[str, Any] | None = None, **kw) -> dict[str, Any]:
     if not bad & {"dataset", "synthetic_size", "val_fraction", "n_train", "batch_size"}:
         synthetic = cfg["dataset"] == "synthetic"
         pool = cfg["synthetic_size"] if synthetic else TRAIN_POOL[cfg["dataset"]]
-        n = pool - round(cfg["val_fraction"] * pool)  # exactly what data.stratified_split leaves
+        n_val = round(cfg["val_fraction"] * pool)  # exactly what data.stratified_split takes
+        n = pool - n_val
+        if n_val < 1:
+            errors.append(f"val_fraction={cfg['val_fraction']}: leaves no validation image out of the {pool} "
+                          f"training-pool images (model selection needs one); must be >= {1 / pool:.3g} here, "
+                          f"or make the pool larger")
         n = min(n, cfg["n_train"]) if cfg["n_train"] is not None else n
         if cfg["batch_size"] > n:
             errors.append(f"batch_size={cfg['batch_size']}: larger than the {n} training images "

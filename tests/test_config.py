@@ -1,10 +1,12 @@
 """bnlib.config: validate() fills defaults and reports every bad parameter as a ConfigError."""
 import math
+import os
 from dataclasses import fields
 
+import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import bnlib
@@ -141,6 +143,13 @@ def test_batch_size_above_training_set_size():
     assert "batch_size=45001" in _error(dataset="cifar100", batch_size=45001)
 
 
+def test_validation_split_must_not_be_empty():
+    """An empty validation split would leave model selection with nothing (val acc 0/0)."""
+    msg = _error(synthetic_size=10, val_fraction=0.01, batch_size=2)
+    assert "val_fraction=0.01" in msg and "no validation image" in msg and ">= 0.1" in msg
+    assert validate(synthetic_size=10, val_fraction=0.1, batch_size=2)["val_fraction"] == 0.1
+
+
 def test_accepted_batch_size_fits_the_loaded_training_set():
     cfg = validate(synthetic_size=25, val_fraction=0.5, batch_size=12)
     n_train = bnlib.load_data(cfg, torch.device("cpu")).sizes()["n_train"]
@@ -248,7 +257,7 @@ def test_validate_property(case):
         for k in unknown:
             assert any(line.startswith(f"unknown parameter {k!r}") for line in lines), (k, msg)
         if not invalid and not unknown:  # only a cross-parameter constraint can fail
-            assert all(line.startswith("batch_size=") for line in lines), msg
+            assert all(line.startswith(("batch_size=", "val_fraction=")) for line in lines), msg
         return
     # accepted: nothing was invalid, and the given values are in the config
     assert not invalid and not unknown, params
@@ -257,3 +266,88 @@ def test_validate_property(case):
         if k != "precision":
             assert cfg[k] == v and type(cfg[k]) is type(RunConfig.__dataclass_fields__[k].default), k
     assert cfg["precision"] in ("bf16", "fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# Property: an accepted parameter set starts (and finishes) a real run; a rejected one writes
+# nothing. Pools are kept cheap to train (narrow nets, small synthetic sets, one epoch) but
+# cover the edges: one training image, batch = training set, tiny validation/test sets, huge
+# learning rates, every norm, optimizer, schedule, input normalization and precision.
+# ----------------------------------------------------------------------------------------------
+
+RUN_PARAMS = {
+    "norm": _param(st.sampled_from(sorted(NORMS)), st.sampled_from(["batchnorm", None])),
+    "arch": _param(st.sampled_from(["resnet8", "resnet14", "cifar_resnet20", "resnet18", "resnet50"]),
+                   st.sampled_from(["resnet21", "vgg11"])),
+    "width": _param(st.floats(0.03, 0.2), st.sampled_from([0, -1.0, math.nan])),
+    "stem": _param(st.sampled_from(["cifar", "imagenet"]), st.just("mnist")),
+    "gamma0": _param(st.sampled_from([0.0, 0.1, 1.0, -1.0]), st.just(math.inf)),
+    "zero_init_last_gamma": _param(st.booleans(), st.just("yes")),
+    "residual_gain": _param(st.booleans(), st.just(1)),
+    "input_norm": _param(st.sampled_from(["dataset", "raw", "bn"]), st.just("imagenet")),
+    "synthetic_size": _param(st.sampled_from([10, 23, 60, 60, 200]), st.sampled_from([9, 0])),
+    "n_train": _param(st.none() | st.integers(1, 3) | st.integers(20, 50), st.just(0)),
+    "n_test": _param(st.none() | st.integers(1, 20), st.just(-3)),
+    "val_fraction": _param(st.sampled_from([0.01, 0.1, 0.5, 0.9]), st.sampled_from([0.0, 1.0])),
+    "crop_pad": _param(st.integers(0, 16), st.just(17)),
+    "flip": _param(st.booleans(), st.just("false")),
+    "optimizer": _param(st.sampled_from(OPTIMIZERS), st.just("adam")),
+    "lr": _param(st.sampled_from([1e-4, 0.1, 3.0, 1e6]), st.just(0)),
+    "momentum": _param(st.sampled_from([0.0, 0.9]), st.just(1.0)),
+    "weight_decay": _param(st.sampled_from([0.0, 5e-4]), st.just(-1e-4)),
+    "gamma_lr_mult": _param(st.sampled_from([0.1, 1.0]), st.just(0.0)),
+    "schedule": _param(st.sampled_from(SCHEDULES), st.just("linear")),
+    "step_milestones": _param(st.sampled_from([[0.5], [0.1, 0.9], []]), st.sampled_from([[1.5], [0]])),
+    "warmup_epochs": _param(st.sampled_from([0.0, 0.5, 3.0]), st.just(-1.0)),
+    "label_smoothing": _param(st.sampled_from([0.0, 0.1]), st.just(1.0)),
+    "batch_size": _param(st.sampled_from([1, 2, 3, 16, 32]), st.sampled_from([0, "8"])),
+    "eval_batch_size": _param(st.integers(1, 64), st.just(0)),
+    "log_every": _param(st.integers(1, 5), st.just(0)),
+    "precision": _param(st.sampled_from(PRECISIONS), st.just("fp16")),
+    "device": _param(st.sampled_from(["auto", "cpu"]), st.sampled_from(["tpu", "cuda:7"])),
+    "channels_last": _param(st.booleans(), st.just(None)),
+}
+
+
+@st.composite
+def run_param_sets(draw):
+    keys = draw(st.lists(st.sampled_from(sorted(RUN_PARAMS)), unique=True, max_size=len(RUN_PARAMS)))
+    drawn = {k: draw(RUN_PARAMS[k]) for k in keys}
+    # most examples valid, so that most of them train
+    if draw(st.integers(0, 3)) > 0:
+        drawn = {k: v for k, v in drawn.items() if v[1]}
+    return drawn
+
+
+@settings(max_examples=int(os.environ.get("BNLIB_HYPOTHESIS_EXAMPLES", 30)), deadline=None, database=None, derandomize=os.environ.get("BNLIB_HYPOTHESIS_RANDOM") is None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(run_param_sets())
+def test_accepted_parameters_start_a_run_rejected_write_nothing(tmp_path_factory, drawn):
+    out = tmp_path_factory.mktemp("prop") / "runs"
+    params = {"epochs": 1, "synthetic_size": 60, "width": 0.1, "batch_size": 16, "progress": False, "out_dir": str(out),
+              **{k: v for k, (v, _) in drawn.items()}}
+    if torch.cuda.is_available() and params.get("device") == "cuda:7":  # keep "no such device" true
+        params["device"] = f"cuda:{torch.cuda.device_count()}"
+    invalid = {k for k, (_, ok) in drawn.items() if not ok}
+    try:
+        cfg = validate(params)
+    except ConfigError as e:
+        event("rejected: " + ("invalid value" if invalid else _lines(str(e))[0].split("=")[0]))
+        lines = _lines(str(e))
+        for k in invalid:
+            assert any(line.startswith(f"{k}=") for line in lines), (k, str(e))
+        with pytest.raises(ConfigError):  # the same through run(): before anything is written
+            bnlib.run(params)
+        assert not out.exists()
+        return
+    assert not invalid, params
+    # accepted: it trains, and ends as a result (completed or diverged), never a crash
+    res = bnlib.run(params)
+    event(f"accepted: {res['status']}")
+    assert res["status"] in ("completed", "diverged"), res
+    assert (res.run_dir / "config.json").exists() and res.run_dir.parent == out
+    assert res["data_sizes"]["n_val"] >= 1 and res["data_sizes"]["n_train"] >= cfg["batch_size"]
+    if res["status"] == "completed":
+        epochs = pd.read_parquet(res.run_dir / "epochs.parquet")
+        assert len(epochs) == cfg["epochs"]
+        assert epochs[["train_acc", "val_acc", "test_acc"]].apply(lambda c: c.between(0, 1)).all().all()
