@@ -7,12 +7,12 @@ Flat public API: norms and models (bnlib.norms, bnlib.models), data on the devic
 __version__ = "0.1.0"
 
 from .config import ConfigError, RunConfig, validate  # noqa: E402
-from .data import load_data, make_synthetic  # noqa: E402
+from .data import check_data, load_data, make_synthetic  # noqa: E402
 from .models import ResNet, create_model  # noqa: E402
 from .norms import NORMS, get_norm, register_norm  # noqa: E402
 from .records import Runs, load_runs, run_id  # noqa: E402
 from .train import run, train  # noqa: E402
 
-__all__ = ["__version__", "ConfigError", "RunConfig", "validate", "load_data", "make_synthetic",
+__all__ = ["__version__", "ConfigError", "RunConfig", "validate", "check_data", "load_data", "make_synthetic",
            "ResNet", "create_model", "NORMS", "get_norm", "register_norm", "Runs", "load_runs", "run_id",
            "run", "train"]

@@ -44,8 +44,23 @@ def test_run_notebook_writes_a_complete_run(tmp_path):
 def test_run_notebook_rejects_bad_parameters_before_training(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as e:
         pm.execute_notebook(str(NB), str(tmp_path / "bad.ipynb"),
-                            parameters={**TINY, "norm": "batchnorm", "lr": -0.1, "out_dir": str(tmp_path / "runs")},
+                            parameters={**TINY, "norm": "batchnorm", "lr": -0.1, "epochs": "3", "learning_rate": 0.1,
+                                        "out_dir": str(tmp_path / "runs")},
                             cwd=str(ROOT), progress_bar=False, kernel_name="python3")
     msg = str(e.value)
     assert "norm='batchnorm'" in msg and "valid choices" in msg and "lr=-0.1" in msg
+    assert "epochs='3' (str): must be an integer" in msg and "unknown parameter 'learning_rate'" in msg
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_notebook_missing_dataset_fails_in_the_check_cell(tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(NB), str(tmp_path / "bad.ipynb"),
+                            parameters={**TINY, "dataset": "cifar10", "data_dir": str(empty), "download": False,
+                                        "out_dir": str(tmp_path / "runs")},
+                            cwd=str(ROOT), progress_bar=False, kernel_name="python3")
+    assert e.value.ename == "ConfigError" and "dataset='cifar10'" in str(e.value)
+    assert "bnlib.check_data(cfg)" in e.value.source  # the check cell, before the training cell
     assert not (tmp_path / "runs").exists()
