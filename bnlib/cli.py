@@ -21,9 +21,11 @@ def _yaml_value(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bnlib", description="bnlib: why BatchNorm works, reproduced")
+    # allow_abbrev=False: `--warmup 2` must not silently mean --warmup_epochs
+    p = argparse.ArgumentParser(prog="python -m bnlib", description="bnlib: why BatchNorm works, reproduced",
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="one training run (same parameters as notebooks/run.ipynb)")
+    r = sub.add_parser("run", help="one training run (same parameters as notebooks/run.ipynb)", allow_abbrev=False)
     defaults = RunConfig()
     for f in fields(RunConfig):
         r.add_argument(f"--{f.name}", type=_yaml_value, default=argparse.SUPPRESS,
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerun", action="store_true", help="train again even if the run exists")
     from .studies import study_names
 
-    s = sub.add_parser("study", help="run (or resume) a study grid through papermill, then its analysis")
+    s = sub.add_parser("study", help="run (or resume) a study grid through papermill, then its analysis",
+                       allow_abbrev=False)
     s.add_argument("name", help=f"one of {study_names()} or 'all' (every study, the summary and the report)")
     s.add_argument("--preset", default="quick", help="quick (CPU, synthetic data) or paper (GPU, CIFAR-10)")
     s.add_argument("--workers", type=int, default=1, help="parallel runs (Dask local cluster when > 1)")
@@ -42,13 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unknown_flags(extra: list[str]) -> dict:
+    """`--name value` pairs argparse did not know, as parameters, so that validate() names them
+    with the list of valid parameters (argparse's own message lists none)."""
+    out, i = {}, 0
+    while i < len(extra):
+        if not extra[i].startswith("--"):
+            raise SystemExit(f"error: unexpected argument {extra[i]!r}; parameters are given as --name value")
+        name, _, value = extra[i][2:].partition("=")
+        if not value and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            value, i = extra[i + 1], i + 1
+        out[name] = _yaml_value(value)
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    ns, extra = build_parser().parse_known_args(argv)
+    args = vars(ns)
     cmd = args.pop("cmd")
+    if extra and cmd != "run":
+        print(f"error: unrecognized arguments: {' '.join(extra)}; see python -m bnlib {cmd} --help", file=sys.stderr)
+        return 2
     if cmd == "run":
         from .train import run
 
         rerun = args.pop("rerun")
+        args.update(_unknown_flags(extra))
         try:
             res = run(args, rerun=rerun)
         except ConfigError as e:

@@ -99,6 +99,16 @@ def test_cli_bad_parameter_clear_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_unknown_or_abbreviated_flag_is_named_with_the_valid_ones(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bnlib", "run", "--learning_rate", "0.1", "--warmup", "2",
+                          "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    # no prefix matching: --warmup is not taken for --warmup_epochs
+    assert "unknown parameter 'learning_rate'" in out.stderr and "unknown parameter 'warmup'" in out.stderr
+    assert "warmup_epochs" in out.stderr and "lr" in out.stderr  # the valid names are listed
+    assert not any(tmp_path.iterdir())
+
+
 def test_bad_parameters_fail_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="lr=-1"):
         bnlib.run(tiny(tmp_path / "x", lr=-1))
