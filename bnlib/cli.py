@@ -77,6 +77,10 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted: the run is kept up to its last epoch; run the same command to resume it",
+                  file=sys.stderr)
+            return 130
         print(json.dumps({k: res.get(k) for k in ("status", "diverged_step", "metrics", "run_dir")}, indent=1))
         from .records import FINISHED
 
@@ -96,6 +100,10 @@ def main(argv=None) -> int:
         except ValueError as e:  # ConfigError included: bad study, preset or grid point
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("interrupted: finished runs are kept and the interrupted one has its last epoch; run the same "
+                  "command to resume", file=sys.stderr)
+            return 130
         return 1 if failed else 0
     if cmd == "report":
         from .report import build_report

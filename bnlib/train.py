@@ -378,7 +378,9 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
             reason = f"{type(e).__name__}: {e}"
             if is_out_of_memory(e):
                 reason = f"out of memory: {reason}"
-            rd.write_json("status", {"status": "failed", "started": started,
+            # Ctrl-C (or a kernel interrupt in JupyterLab) is not a failure of the run
+            rd.write_json("status", {"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                     "started": started,
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "error": reason,
                                      "traceback": traceback.format_exc()})
             raise
