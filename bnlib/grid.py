@@ -29,13 +29,31 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
 
+def _kernel_manager_class():
+    """nbclient's kernel manager, asked to give each kernel CurveZMQ keys (jupyter_client >= 8.10,
+    pyzmq with libsodium): the kernel's TCP sockets are then encrypted, on a shared machine too,
+    and it does not print its plain-TCP warning into every study runner's output."""
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+
+    if "transport_encryption" not in AsyncKernelManager.class_trait_names() or not zmq.has("curve"):
+        return AsyncKernelManager
+
+    class CurveKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**{"transport_encryption": "auto", **kw})
+
+    return CurveKernelManager
+
+
 def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -> None:
     """papermill with the settings every bnlib notebook uses (the kernel is this Python's)."""
     import papermill as pm
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-                        progress_bar=False, log_output=False, request_save_on_cell_execute=True)
+                        progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+                        kernel_manager_class=_kernel_manager_class())
 
 
 def plan(study: Study, preset: str, out: Path) -> list[dict]:
