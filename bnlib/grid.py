@@ -23,7 +23,8 @@ from .config import ConfigError, validate
 from .records import FINISHED, RunDir, atomic_write, run_id
 from .studies import STUDIES, Study, get_study
 
-__all__ = ["run_study", "run_all", "plan", "load_study", "execute_notebook", "ROOT", "NOTEBOOKS"]
+__all__ = ["run_study", "run_all", "plan", "load_study", "execute_notebook", "execute_shared_notebook", "ROOT",
+           "NOTEBOOKS"]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -47,13 +48,34 @@ def _kernel_manager_class():
 
 
 def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -> None:
-    """papermill with the settings every bnlib notebook uses (the kernel is this Python's)."""
+    """papermill with the settings every bnlib notebook uses (the kernel is this Python's).
+
+    The executed notebook is saved after every cell to `.NAME.partial` beside `dst` (watch it
+    there) and moved onto `dst` when execution ends, failed or not: a reader (the report, a
+    second study process) never sees a half-written `dst`."""
     import papermill as pm
 
+    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-                        progress_bar=False, log_output=False, request_save_on_cell_execute=True,
-                        kernel_manager_class=_kernel_manager_class())
+    partial = dst.parent / f".{dst.name}.partial"
+    try:
+        pm.execute_notebook(str(src), str(partial), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                            progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+                            kernel_manager_class=_kernel_manager_class())
+    finally:
+        if partial.exists():
+            os.replace(partial, dst)
+
+
+def execute_shared_notebook(src: Path, dst: Path, parameters: dict) -> None:
+    """execute_notebook for outputs two study processes may both produce (a study's analysis,
+    the summary): one at a time, the later one redoing it with every run present."""
+    from filelock import FileLock
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dst.parent / f".{dst.stem}.lock")):
+        execute_notebook(src, dst, parameters)
 
 
 def plan(study: Study, preset: str, out: Path) -> list[dict]:
@@ -187,7 +209,7 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     if analyze and study.notebook:
         dst = out / "studies" / study.name / f"{study.name}.ipynb"
         try:
-            execute_notebook(NOTEBOOKS / study.notebook, dst, {"out": str(out), "study": study.name})
+            execute_shared_notebook(NOTEBOOKS / study.notebook, dst, {"out": str(out), "study": study.name})
         except Exception as e:  # noqa: BLE001 — the runs are kept; the analysis can be rerun
             print(f"study {study.name}: analysis notebook failed ({type(e).__name__}); see {dst}", file=sys.stderr)
             counts["analysis_failed"] += 1
@@ -249,7 +271,7 @@ def run_all(preset: str = "quick", out="outputs", workers: int = 1, scheduler: s
     results = {}
     for name in studies or list(STUDIES):
         results[name] = run_study(name, preset, out, workers, scheduler)
-    execute_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})
+    execute_shared_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})
     index = build_report(out)
     print(f"report: {index}")
     return results

@@ -175,10 +175,16 @@ class RunDir:
             return None
 
 
-def _process_gone(st: dict) -> bool:
-    """A `running` status written on this host by a process that no longer exists."""
+def _interrupted(rd: RunDir, st: dict) -> bool:
+    """A `running` status that no live process stands behind. The run's lock says so for any
+    host sharing the folder (and is not fooled by a reused pid); where the lock cannot be taken
+    (a read-only copy of the outputs), a pid written on this host that no longer exists."""
     import socket
 
+    try:
+        return not rd.locked("run")
+    except OSError:
+        pass
     if st.get("hostname") != socket.gethostname() or not st.get("pid"):
         return False
     try:
@@ -227,7 +233,7 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
             continue
         if st.get("status") not in statuses:
             why = f"status {st.get('status')!r}"
-            if st.get("status") == "running" and _process_gone(st):
+            if st.get("status") == "running" and _interrupted(rd, st):
                 why += f" but its process {st.get('pid')} is gone (interrupted; rerun to resume)"
             skipped.append((str(rd.path), why))
             continue

@@ -42,18 +42,26 @@ def build_report(out="outputs") -> Path:
     rep = out / "report"
     sections = []
 
-    def page(src: Path, rel: str) -> str:
+    unreadable = []
+
+    def page(src: Path, rel: str) -> str | None:
+        """Render one notebook; an unreadable one (e.g. cut short by a full disk) is listed
+        on the index instead of stopping the report."""
         dst = rep / rel
         depth = len(Path(rel).parts) - 1
-        render_notebook(src, dst, "../" * depth + "index.html")
+        try:
+            render_notebook(src, dst, "../" * depth + "index.html")
+        except Exception as e:  # noqa: BLE001 — nbformat/nbconvert raise several kinds
+            unreadable.append(f"<li><code>{html.escape(str(src))}</code>: {html.escape(type(e).__name__)}: "
+                              f"{html.escape(str(e)[:200])}</li>")
+            return None
         return rel
 
-    if (out / "summary.ipynb").exists():
-        rel = page(out / "summary.ipynb", "summary.html")
+    if (out / "summary.ipynb").exists() and (rel := page(out / "summary.ipynb", "summary.html")):
         sections.append(f'<h2>Summary</h2><p><a href="{rel}">summary of every run: accuracy, loss stability, '
                         f'γ/β drift</a>{" (has errors)" if _has_error(out / "summary.ipynb") else ""}</p>')
     else:
-        sections.append("<h2>Summary</h2><p>not run yet (<code>make study</code>)</p>")
+        sections.append("<h2>Summary</h2><p>not run yet, or unreadable (<code>make study</code>)</p>")
 
     study_rows = []
     for nb in sorted((out / "studies").glob("*/*.ipynb")):
@@ -62,6 +70,8 @@ def build_report(out="outputs") -> Path:
         title = json.loads(man.read_text()).get("title", name) if man.exists() else name
         preset = json.loads(man.read_text()).get("preset", "") if man.exists() else ""
         rel = page(nb, f"studies/{name}.html")
+        if rel is None:
+            continue
         study_rows.append(f'<li><a href="{rel}">{html.escape(title)}</a> [{preset}]'
                           f'{" (has errors)" if _has_error(nb) else ""}</li>')
     sections.append("<h2>Studies</h2><ul>" + ("".join(study_rows) or "<li>none run yet</li>") + "</ul>")
@@ -72,6 +82,8 @@ def build_report(out="outputs") -> Path:
         st = rd.status() or {}
         m = st.get("metrics") or {}
         rel = page(nb, f"runs/{rd.id}.html")
+        if rel is None:
+            continue
         acc = f"{m['best_val_acc']:.3f} / {m['test_acc_at_best_val']:.3f}" if "best_val_acc" in m else ""
         extra = f" at step {st['diverged_step']}" if st.get("diverged_step") is not None else ""
         if st.get("status") == "failed" and st.get("error"):  # why, on the index itself
@@ -81,6 +93,8 @@ def build_report(out="outputs") -> Path:
     sections.append("<h2>Runs</h2><table><tr><th>run</th><th>status</th><th>best val acc / test acc at it</th></tr>"
                     + "".join(run_rows) + "</table>")
 
+    if unreadable:
+        sections.append("<h2>Notebooks that could not be rendered</h2><ul>" + "".join(unreadable) + "</ul>")
     index = rep / "index.html"
     rep.mkdir(parents=True, exist_ok=True)
     atomic_write(index, f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">

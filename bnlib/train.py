@@ -359,7 +359,7 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
     rd.path.mkdir(parents=True, exist_ok=True)
     lock = rd.lock()  # one process per run directory at a time
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=2)  # not 0: a reader probing the lock (load_runs) holds it for microseconds
     except Timeout:
         raise RunLocked(f"run {rid} is being run by another process ({rd.path})") from None
     try:

@@ -173,3 +173,16 @@ def test_report_renders_in_a_real_browser(outputs):
         assert all(Path(l.replace("file://", "")).exists() for l in links)
     finally:
         driver.quit()
+
+
+def test_report_lists_an_unreadable_notebook_instead_of_failing(outputs, tmp_path):
+    """A run notebook cut short (full disk, a killed writer) is named on the index; the rest renders."""
+    src = next(p.parent for p in (outputs["out"] / "runs").glob("*/run.ipynb"))
+    for name in ("good", "cut"):
+        shutil.copytree(src, tmp_path / "runs" / name)
+    nb = tmp_path / "runs" / "cut" / "run.ipynb"
+    nb.write_bytes(nb.read_bytes()[:5000])
+    index = build_report(tmp_path)
+    text = index.read_text()
+    assert "could not be rendered" in text and str(nb) in text
+    assert (tmp_path / "report" / "runs" / "good.html").exists() and "runs/good.html" in text
