@@ -50,14 +50,14 @@ def _kernel_manager_class():
 def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -> None:
     """papermill with the settings every bnlib notebook uses (the kernel is this Python's).
 
-    The executed notebook is saved after every cell to `.NAME.partial` beside `dst` (watch it
+    The executed notebook is saved after every cell to `.NAME.partial.ipynb` beside `dst` (watch it
     there) and moved onto `dst` when execution ends, failed or not: a reader (the report, a
     second study process) never sees a half-written `dst`."""
     import papermill as pm
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.parent / f".{dst.name}.partial"
+    partial = dst.parent / f".{dst.stem}.partial{dst.suffix}"
     try:
         pm.execute_notebook(str(src), str(partial), parameters=parameters, cwd=str(cwd), kernel_name="python3",
                             progress_bar=False, log_output=False, request_save_on_cell_execute=True,

@@ -64,7 +64,7 @@ def build_report(out="outputs") -> Path:
         sections.append("<h2>Summary</h2><p>not run yet, or unreadable (<code>make study</code>)</p>")
 
     study_rows = []
-    for nb in sorted((out / "studies").glob("*/*.ipynb")):
+    for nb in sorted(p for p in (out / "studies").glob("*/*.ipynb") if not p.name.startswith(".")):
         name = nb.parent.name
         man = nb.parent / "manifest.json"
         title = json.loads(man.read_text()).get("title", name) if man.exists() else name
