@@ -234,7 +234,8 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
         if st.get("status") not in statuses:
             why = f"status {st.get('status')!r}"
             if st.get("status") == "running" and _interrupted(rd, st):
-                why += f" but its process {st.get('pid')} is gone (interrupted; rerun to resume)"
+                pid = f" (pid {st['pid']} on {st.get('hostname')})" if st.get("pid") else ""
+                why += f" but no live process holds it{pid}: interrupted; rerun to resume"
             skipped.append((str(rd.path), why))
             continue
         params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.get("params", {}).items()}

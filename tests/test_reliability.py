@@ -51,7 +51,7 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     proc.wait()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
     skipped = bnlib.load_runs(tmp_path / "killed").skipped
-    assert len(skipped) == 1 and "is gone (interrupted" in skipped[0][1]  # detected, reported, not loaded
+    assert len(skipped) == 1 and "no live process holds it (pid" in skipped[0][1]  # detected, reported, not loaded
 
     res = bnlib.run({**TINY, "out_dir": str(tmp_path / "killed")})
     assert res["status"] == "completed" and res["resumed_from_epoch"] >= 1

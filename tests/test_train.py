@@ -140,11 +140,15 @@ def test_load_runs_joins_config_and_skips_unfinished(tmp_path):
     running.mkdir()
     (running / "config.json").write_text(json.dumps({"params": {"norm": "bn"}}))
     (running / "status.json").write_text(json.dumps({"status": "running"}))
-    runs = bnlib.load_runs(tmp_path)
+    from bnlib.records import RunDir
+    with RunDir(running).lock():  # as the live process running it would
+        runs = bnlib.load_runs(tmp_path)
     assert sorted(runs.runs.norm) == ["bn", "bn_minus"]
     assert set(runs.epochs.norm) == {"bn", "bn_minus"} and "arch" in runs.epochs and "best_val_acc" in runs.runs
     assert set(runs.norm_params.norm) == {"bn"}  # bn_minus has no γ/β to track
     assert [r for _, r in runs.skipped] == ["status 'running'"]
+    # once nothing holds it, it is reported as interrupted
+    assert "no live process holds it: interrupted; rerun to resume" in bnlib.load_runs(tmp_path).skipped[0][1]
 
 
 def test_lr_schedules():
