@@ -5,11 +5,13 @@ Resume follows from run identity: a point whose run directory says `completed` o
 is skipped; an interrupted or failed one resumes from its last checkpoint. A point whose
 notebook fails (an error, running out of memory, a killed kernel) is recorded `failed` with its
 reason and the grid goes on. Two study processes on one outputs folder share the work: a point
-held by the other is left to it, and waited for at the end. With `workers > 1` the points run on a Dask cluster (local processes, or `scheduler=` an
-existing cluster's address), one papermill kernel per task.
+held by the other is left to it, and waited for at the end. With `workers > 1` the points run
+on a Dask cluster (local processes, or `scheduler=` an existing cluster's address), one
+papermill kernel per task.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -30,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_manager_class():
     """nbclient's kernel manager, asked to give each kernel CurveZMQ keys (jupyter_client >= 8.10,
     pyzmq with libsodium): the kernel's TCP sockets are then encrypted, on a shared machine too,
