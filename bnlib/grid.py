@@ -195,8 +195,8 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
             counts[res["status"]] += 1
         if res["status"] == "failed":
             tqdm.write(f"  failed: {res['run_id']}: {res.get('error', '')}", file=sys.stderr)
-        bar.set_postfix({k: counts[k] for k in ("completed", "diverged", "failed")} | {"elsewhere": len(held)},
-                        refresh=False)
+        bar.set_postfix({k: counts[k] for k in ("completed", "diverged", "failed")}
+                        | ({"held_elsewhere": len(held)} if held else {}), refresh=False)
         bar.update(1)
     bar.close()
     if held:  # another live process had them: wait for it, then take over what it left undone
