@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import ConfigError, validate
-from .records import FINISHED, RunDir, atomic_write, run_id
+from .records import FINISHED, RunDir, atomic_write, check_writable, run_id
 from .studies import STUDIES, Study, get_study
 
 __all__ = ["run_study", "run_all", "plan", "load_study", "execute_notebook", "execute_shared_notebook", "ROOT",
@@ -85,7 +85,6 @@ def plan(study: Study, preset: str, out: Path) -> list[dict]:
     """Check every point before anything runs (parameters, data sets, the outputs folder);
     return [{params, run_id, status, epochs}]. Raises ConfigError listing every problem."""
     from .data import check_data
-    from .train import check_writable
 
     runs_dir = Path(out) / "runs"
     items, errors, data_specs = [], [], {}

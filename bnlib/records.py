@@ -12,10 +12,12 @@ never sees half a file. `load_runs(path)` gathers all runs under a path into tid
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -27,9 +29,10 @@ import torch
 
 from .config import IDENTITY_EXCLUDED
 
-__all__ = ["run_id", "provenance", "RunDir", "Runs", "load_runs", "atomic_write", "STATUSES", "FINISHED"]
+__all__ = ["run_id", "provenance", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
+           "check_writable", "STATUSES", "FINISHED"]
 
-STATUSES = ("running", "completed", "diverged", "failed")
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINISHED = ("completed", "diverged")  # results: skipped on rerun, loaded by load_runs
 TABLES = ("epochs", "steps", "norm_params")
 
@@ -43,18 +46,45 @@ def run_id(cfg: dict) -> str:
     return f"{cfg['norm']}-{cfg['arch']}-bs{cfg['batch_size']}-lr{cfg['lr']:g}-s{cfg['seed']}-{digest}"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; when the block ends without error, the file
+    written there is flushed to disk and renamed onto `path` (else removed). A kill at any
+    moment leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def check_writable(out_dir: Path, min_free_mb: float = 50.0) -> None:
+    """Fail before training when the outputs folder cannot take a run's records."""
+    from .config import ConfigError
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out_dir={str(out_dir)!r}: not writable ({e.strerror or e}); choose a folder you can "
+                          f"write to") from None
+    free = shutil.disk_usage(out_dir).free / 2**20
+    if free < min_free_mb:
+        raise ConfigError(f"out_dir={str(out_dir)!r}: only {free:.0f} MB free; a run needs at least "
+                          f"{min_free_mb:.0f} MB for its records and checkpoint") from None
 
 
 def git_commit() -> str | None:
@@ -118,14 +148,8 @@ class RunDir:
 
     def write_table(self, name: str, rows: list[dict] | pd.DataFrame) -> None:
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(self.path / f"{name}.parquet") as tmp:
             df.to_parquet(tmp, index=False)
-            os.replace(tmp, self.path / f"{name}.parquet")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     LOCKS = {"run": ".lock", "notebook": ".notebook.lock"}
 

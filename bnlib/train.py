@@ -12,10 +12,8 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -26,11 +24,11 @@ import torch.nn.functional as F
 from filelock import Timeout
 from tqdm import tqdm
 
-from .config import ConfigError, validate
+from .config import validate
 from .data import augment, check_data, load_data, steps_per_epoch, to_input
 from .models import create_model
 from .norms import Affine2d
-from .records import FINISHED, RunDir, provenance, run_id
+from .records import FINISHED, RunDir, atomic_path, check_writable, provenance, run_id
 
 __all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups", "NormTracker", "build_model", "RunResult"]
 
@@ -132,8 +130,9 @@ def evaluate(model, x_u8, y, cfg, autocast) -> tuple[float, float]:
         loss += F.cross_entropy(out, yb, reduction="sum")
         correct += (out.argmax(1) == yb).sum()
     model.train()
-    n = max(1, len(y))
-    return loss.item() / n, correct.item() / n
+    if len(y) == 0:  # validate() rules this out; never report 0/0 as an accuracy of 0
+        return math.nan, math.nan
+    return loss.item() / len(y), correct.item() / len(y)
 
 
 def seed_everything(seed: int) -> None:
@@ -273,9 +272,8 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Atomically: a kill during the save leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def headline(epochs: list[dict]) -> dict:
@@ -317,21 +315,6 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 class RunLocked(RuntimeError):
     """Another live process is running this run (same parameters, same outputs folder)."""
-
-
-def check_writable(out_dir: Path, min_free_mb: float = 50.0) -> None:
-    """Fail before training when the outputs folder cannot take a run's records."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"out_dir={str(out_dir)!r}: not writable ({e.strerror or e}); choose a folder you can "
-                          f"write to") from None
-    free = shutil.disk_usage(out_dir).free / 2**20
-    if free < min_free_mb:
-        raise ConfigError(f"out_dir={str(out_dir)!r}: only {free:.0f} MB free; a run needs at least "
-                          f"{min_free_mb:.0f} MB for its records and checkpoint") from None
 
 
 def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:

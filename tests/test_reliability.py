@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -84,14 +83,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_the_same_command_resumes_it(tmp_pa
 
 
 def test_sigkilled_study_completes_on_rerun(tmp_path):
-    script = tmp_path / "study.py"
-    script.write_text(textwrap.dedent(f"""
-        from bnlib.studies import Study, Preset
-        from bnlib.grid import run_study
-        s = Study("kill", "kill test", None, {{"t": Preset(base={TINY!r}, grid={{"seed": [0, 1, 2]}})}})
-        run_study(s, "t", {str(tmp_path / 'out')!r}, progress=False)
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _study_proc(tmp_path / "out", "kill", [0, 1, 2], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = tmp_path / "out" / "runs"
 
     def one_done_one_started():
@@ -184,10 +176,11 @@ run_study(s, "t", sys.argv[1], progress=False)
 """
 
 
-def _study_proc(out, name, seeds, **base):
+def _study_proc(out, name, seeds, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **base):
+    """`run_study` of TINY × seeds in a child process (a study runner of its own)."""
     script = STUDY_SCRIPT.format(base={**TINY, **base}, seeds=seeds)
-    return subprocess.Popen([sys.executable, "-c", script, str(out), name], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen([sys.executable, "-c", script, str(out), name], stdout=stdout, stderr=stderr,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _final_counts(stdout: str, name: str) -> dict:
