@@ -1,0 +1,56 @@
+"""The epoch checkpoint a run resumes from: its training state and every random number state.
+
+Loaded to the CPU, whatever device saved it: model and optimizer state reach the run's device
+through load_state_dict (which puts each optimizer state tensor where torch wants it: moments
+on the parameter's device, AdamW's `step` counters on the CPU, where reading them costs no
+device sync), and RNG states must be CPU ByteTensors (torch.set_rng_state,
+Generator.set_state and torch.cuda.set_rng_state accept nothing else).
+
+RNG states saved: Python's, NumPy's, torch's CPU generator, the run's own generator (data order
+and augmentation; its state is a CPU tensor even for a CUDA generator) and, on CUDA, the
+default generator of the run's device. The key names of older checkpoints are kept, so a run
+interrupted before this version still resumes.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .records import atomic_path
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_states", "set_rng_states"]
+
+
+def rng_states(gen: torch.Generator, device: torch.device) -> dict:
+    """Every random number state a run draws from, as CPU objects."""
+    states = {"generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+              "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    if device.type == "cuda":
+        # the run's device only: a run resumed on cuda:1 that started on cuda:0 continues its own stream
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, gen: torch.Generator, device: torch.device) -> None:
+    gen.set_state(states["generator"].cpu())
+    torch.set_rng_state(states["torch_rng"].cpu())
+    np.random.set_state(states["numpy_rng"])
+    random.setstate(states["python_rng"])
+    if device.type == "cuda" and states.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(states["cuda_rng"].cpu(), device)
+
+
+def save_checkpoint(path: Path, state: dict, gen: torch.Generator, device: torch.device) -> None:
+    """`state` (the training state) plus every RNG state, atomically: a kill during the save
+    leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save({**state, **rng_states(gen, device)}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint with every tensor on the CPU. weights_only=False: it holds NumPy's and
+    Python's RNG states, and bnlib only loads checkpoints it wrote into its own run directory."""
+    return torch.load(path, map_location="cpu", weights_only=False)
