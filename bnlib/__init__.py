@@ -2,7 +2,8 @@
 
 Flat public API: norms and models (bnlib.norms, bnlib.models), data on the device
 (bnlib.data), the run config and its validation (bnlib.config), the training loop
-(bnlib.train) and the run records (bnlib.records).
+(bnlib.train), the measurements it can take inside training (bnlib.probes) and the run
+records (bnlib.records).
 """
 __version__ = "0.1.0"
 
@@ -10,9 +11,11 @@ from .config import ConfigError, RunConfig, validate  # noqa: E402
 from .data import check_data, load_data, make_synthetic  # noqa: E402
 from .models import ResNet, create_model  # noqa: E402
 from .norms import NORMS, get_norm, register_norm  # noqa: E402
+from .probes import PROBES, probe_names, register_probe  # noqa: E402
 from .records import Runs, load_runs, run_id  # noqa: E402
 from .train import run, train  # noqa: E402
 
 __all__ = ["__version__", "ConfigError", "RunConfig", "validate", "check_data", "load_data", "make_synthetic",
-           "ResNet", "create_model", "NORMS", "get_norm", "register_norm", "Runs", "load_runs", "run_id",
+           "ResNet", "create_model", "NORMS", "get_norm", "register_norm", "PROBES", "probe_names",
+           "register_probe", "Runs", "load_runs", "run_id",
            "run", "train"]

@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="run (or resume) a study grid through papermill, then its analysis",
                        allow_abbrev=False)
     s.add_argument("name", help=f"one of {study_names()} or 'all' (every study, the summary and the report)")
-    s.add_argument("--preset", default="quick", help="quick (CPU, synthetic data) or paper (GPU, CIFAR-10)")
+    s.add_argument("--preset", default="quick", help="quick (CPU, Fashion-MNIST) or paper (GPU, CIFAR-10)")
+    s.add_argument("--dataset", default=None,
+                   help="run every point on this data set instead of the preset's (e.g. synthetic, which needs "
+                        "no files)")
     s.add_argument("--workers", type=int, default=1, help="parallel runs (Dask local cluster when > 1)")
     s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (a cluster)")
     s.add_argument("--out", default="outputs", help="outputs folder (runs/, studies/, report/)")
@@ -93,10 +96,11 @@ def main(argv=None) -> int:
             return 2
         try:
             if args["name"] == "all":
-                res = run_all(args["preset"], args["out"], args["workers"], args["scheduler"])
+                res = run_all(args["preset"], args["out"], args["workers"], args["scheduler"], dataset=args["dataset"])
                 failed = sum(c["failed"] for c in res.values())
             else:
-                failed = run_study(args["name"], args["preset"], args["out"], args["workers"], args["scheduler"])["failed"]
+                failed = run_study(args["name"], args["preset"], args["out"], args["workers"], args["scheduler"],
+                                   dataset=args["dataset"])["failed"]
         except ValueError as e:  # ConfigError included: bad study, preset or grid point
             print(f"error: {e}", file=sys.stderr)
             return 2

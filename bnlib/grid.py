@@ -36,38 +36,90 @@ NOTEBOOKS = ROOT / "notebooks"
 def _kernel_manager_class():
     """nbclient's kernel manager, asked to give each kernel CurveZMQ keys (jupyter_client >= 8.10,
     pyzmq with libsodium): the kernel's TCP sockets are then encrypted, on a shared machine too,
-    and it does not print its plain-TCP warning into every study runner's output."""
+    and it does not print its plain-TCP warning into every study runner's output. The async
+    manager, also for the reused kernel this process starts itself (_point_kernel): with a
+    blocking manager nbclient never notices that its kernel died (measured: it hangs)."""
     import zmq
     from jupyter_client.manager import AsyncKernelManager
 
-    if "transport_encryption" not in AsyncKernelManager.class_trait_names() or not zmq.has("curve"):
-        return AsyncKernelManager
+    base = AsyncKernelManager
+    if "transport_encryption" not in base.class_trait_names() or not zmq.has("curve"):
+        return base
 
-    class CurveKernelManager(AsyncKernelManager):
+    class CurveKernelManager(base):
         def __init__(self, **kw):
             super().__init__(**{"transport_encryption": "auto", **kw})
 
     return CurveKernelManager
 
 
-def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT) -> None:
+def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT, km=None) -> None:
     """papermill with the settings every bnlib notebook uses (the kernel is this Python's).
 
     The executed notebook is saved after every cell to `.NAME.partial.ipynb` beside `dst` (watch it
     there) and moved onto `dst` when execution ends, failed or not: a reader (the report, a
-    second study process) never sees a half-written `dst`."""
+    second study process) never sees a half-written `dst`. `km`: an already started kernel to
+    run in (papermill passes it to nbclient, which then neither starts nor stops a kernel);
+    None starts a fresh kernel for this notebook alone."""
     import papermill as pm
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = dst.parent / f".{dst.stem}.partial{dst.suffix}"
+    kernel = {"km": km} if km is not None else {"kernel_manager_class": _kernel_manager_class()}
     try:
         pm.execute_notebook(str(src), str(partial), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-                            progress_bar=False, log_output=False, request_save_on_cell_execute=True,
-                            kernel_manager_class=_kernel_manager_class())
+                            progress_bar=False, log_output=False, request_save_on_cell_execute=True, **kernel)
     finally:
         if partial.exists():
             os.replace(partial, dst)
+
+
+# One kernel per study process (or Dask worker), reused by its grid points: starting a kernel
+# and importing torch and bnlib costs ~5 s, as much as training a quick-preset run (README:
+# measured). run.ipynb's first cell clears the namespace (%reset -f), so each run starts from
+# clean globals; the kernel is replaced after any point that did not finish (a failed run may
+# hold memory through its traceback, a killed kernel is gone) and every KERNEL_REUSE points.
+KERNEL_REUSE = 40
+_KERNEL: dict = {}  # {"km": KernelManager, "uses": int, "env": (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES)}
+
+
+def _point_kernel():
+    """This process's kernel for grid points, started on first use and restarted when it died,
+    was used KERNEL_REUSE times, or the thread/GPU environment it must inherit changed."""
+    import atexit
+
+    from jupyter_core.utils import run_sync
+
+    env = (os.environ.get("OMP_NUM_THREADS"), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    k = _KERNEL
+    if k and (k["uses"] >= KERNEL_REUSE or k["env"] != env or not run_sync(k["km"].is_alive)()):
+        shutdown_point_kernel()
+    if not k:
+        km = _kernel_manager_class()(kernel_name="python3")
+        run_sync(km.start_kernel)(cwd=str(ROOT))
+        if not _KERNEL_ATEXIT:
+            atexit.register(shutdown_point_kernel)
+            _KERNEL_ATEXIT.append(True)
+        k.update(km=km, uses=0, env=env)
+    k["uses"] += 1
+    return k["km"]
+
+
+_KERNEL_ATEXIT: list = []
+
+
+def shutdown_point_kernel() -> None:
+    """Stop this process's reused kernel, if any (at the end of a study, and at exit)."""
+    from jupyter_core.utils import run_sync
+
+    km = _KERNEL.pop("km", None)
+    _KERNEL.clear()
+    if km is not None:
+        try:
+            run_sync(km.shutdown_kernel)()  # a polite shutdown request first (now=True interrupts, which the kernel logs)
+        except Exception:  # noqa: BLE001 — already dead: nothing to stop
+            pass
 
 
 def execute_shared_notebook(src: Path, dst: Path, parameters: dict) -> None:
@@ -81,14 +133,15 @@ def execute_shared_notebook(src: Path, dst: Path, parameters: dict) -> None:
         execute_notebook(src, dst, parameters)
 
 
-def plan(study: Study, preset: str, out: Path) -> list[dict]:
+def plan(study: Study, preset: str, out: Path, dataset: str | None = None) -> list[dict]:
     """Check every point before anything runs (parameters, data sets, the outputs folder);
-    return [{params, run_id, status, epochs}]. Raises ConfigError listing every problem."""
+    return [{params, run_id, status, epochs}]. `dataset` overrides the preset's data set.
+    Raises ConfigError listing every problem."""
     from .data import check_data
 
     runs_dir = Path(out) / "runs"
     items, errors, data_specs = [], [], {}
-    for i, point in enumerate(study.points(preset)):
+    for i, point in enumerate(study.points(preset, dataset)):
         try:
             cfg = validate({**point, "out_dir": str(runs_dir)})
         except ConfigError as e:
@@ -125,16 +178,43 @@ def _failure_reason(e: Exception, before: dict | None, after: dict | None) -> st
     return f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', str(e))}"
 
 
-def _execute_point(item: dict, threads: int | None = None, wait: bool = False) -> dict:
+def _gpu_slots(workers: int) -> list[str] | None:
+    """The GPU each local Dask worker gets, when there is one for each of several workers: the
+    ids of the visible GPUs, in order (honouring a CUDA_VISIBLE_DEVICES the study runs under).
+    None otherwise: the workers then share what they see (device 'auto' is the first GPU)."""
+    import torch
+
+    n = torch.cuda.device_count()  # does not create a CUDA context in this process
+    if workers <= 1 or n < workers:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n)]
+    return ids[:workers]
+
+
+def _assign_gpu(gpus: list[str]) -> str:
+    """On a LocalCluster worker: make this worker's GPU the only one its kernels see. Worker
+    names are 0..n-1 and survive a restart by the nanny, so a worker keeps its GPU."""
+    from distributed import get_worker
+
+    gpu = gpus[int(get_worker().name) % len(gpus)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # the papermill kernel inherits this environment
+    return gpu
+
+
+def _execute_point(item: dict, threads: int | None = None, wait: bool = False, gpus: list[str] | None = None) -> dict:
     """Run one grid point through run.ipynb; never raises (a failure is a recorded result).
 
     The study runner holds the run directory's "notebook" lock while papermill writes the
     executed notebook there; the kernel's bnlib.run holds the "run" lock while it trains. A
-    point held by another live process is "locked" (with `wait`, block until it is free)."""
+    point held by another live process is "locked" (with `wait`, block until it is free).
+    `gpus`: on a LocalCluster worker, one GPU per worker (_gpu_slots)."""
     from filelock import Timeout
 
     if threads:  # the kernel inherits this environment
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if gpus:
+        _assign_gpu(gpus)
     rd = RunDir(Path(item["params"]["out_dir"]) / item["run_id"])
     res = {"run_id": item["run_id"], "seconds": 0.0}
     t0 = time.perf_counter()
@@ -153,8 +233,9 @@ def _execute_point(item: dict, threads: int | None = None, wait: bool = False) -
         if rd.locked("run"):  # a live `bnlib run` of the same parameters outside this study
             return {**res, "status": "locked"}
         try:
-            execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"])
+            execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"], km=_point_kernel())
         except Exception as e:  # noqa: BLE001 — papermill errors, a dead kernel, ...
+            shutdown_point_kernel()  # the next point gets a fresh kernel
             if getattr(e, "ename", None) == "RunLocked":  # another live process runs it: not ours to mark
                 return {**res, "status": "locked", "seconds": time.perf_counter() - t0}
             st = rd.status()
@@ -173,17 +254,19 @@ def _execute_point(item: dict, threads: int | None = None, wait: bool = False) -
 
 
 def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
-              scheduler: str | None = None, analyze: bool = True, progress: bool = True) -> Counter:
-    """Run (or resume) every point of `study` at `preset`, then its analysis notebook.
-    Returns the counts of completed / diverged / failed / skipped runs."""
+              scheduler: str | None = None, analyze: bool = True, progress: bool = True,
+              dataset: str | None = None) -> Counter:
+    """Run (or resume) every point of `study` at `preset` (on `dataset` instead of the preset's
+    when given), then its analysis notebook. Returns the counts of completed / diverged /
+    failed / skipped runs."""
     study = get_study(study) if isinstance(study, str) else study
     out = Path(out).resolve()
-    items = plan(study, preset, out)
+    items = plan(study, preset, out, dataset)
     todo = [it for it in items if it["status"] not in FINISHED]
     counts = Counter(skipped=len(items) - len(todo))
     print(f"study {study.name} [{preset}]: {len(items)} runs, {sum(i['epochs'] for i in items)} epochs "
           f"({len(todo)} to run, {counts['skipped']} already done) -> {out / 'runs'}", flush=True)
-    _write_manifest(study, preset, out, items)
+    _write_manifest(study, preset, out, items, dataset)
     bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="run", disable=not progress or not todo,
                file=sys.stderr)
     held = []
@@ -200,11 +283,14 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     bar.close()
     if held:  # another live process had them: wait for it, then take over what it left undone
         print(f"study {study.name}: waiting for {len(held)} run(s) held by another process", flush=True)
-        for it in held:
-            res = _execute_point(it, wait=True)
-            counts[res["status"]] += 1
-            if res["status"] == "failed":
-                print(f"  failed: {res['run_id']}: {res.get('error', '')}", file=sys.stderr)
+        try:
+            for it in held:
+                res = _execute_point(it, wait=True)
+                counts[res["status"]] += 1
+                if res["status"] == "failed":
+                    print(f"  failed: {res['run_id']}: {res.get('error', '')}", file=sys.stderr)
+        finally:
+            shutdown_point_kernel()
     counts["skipped"] += counts.pop("locked", 0)  # still held by a live process outside any study
     print(f"study {study.name}: " + " / ".join(f"{k} {counts[k]}" for k in ("completed", "diverged", "failed",
                                                                            "skipped")), flush=True)
@@ -223,32 +309,42 @@ def _map(items: list[dict], workers: int, scheduler: str | None):
     if not items:
         return
     if workers <= 1 and scheduler is None:
-        for it in items:
-            yield _execute_point(it)
+        try:
+            for it in items:
+                yield _execute_point(it)
+        finally:
+            shutdown_point_kernel()
         return
     from dask.distributed import Client, LocalCluster, as_completed
 
     if scheduler:
         client, cluster = Client(scheduler), None
-        threads = None
+        threads, gpus = None, None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
         threads = max(1, (os.cpu_count() or 1) // workers)
+        gpus = _gpu_slots(workers)  # else every worker's run would land on the first GPU
     try:
-        futures = [client.submit(_execute_point, it, threads, key=f"bnlib-{it['run_id']}", pure=False) for it in items]
+        futures = [client.submit(_execute_point, it, threads, False, gpus, key=f"bnlib-{it['run_id']}", pure=False)
+                   for it in items]
         for fut in as_completed(futures):
             yield fut.result()
     finally:
+        try:
+            client.run(shutdown_point_kernel)  # each worker's reused kernel
+        except Exception:  # noqa: BLE001 — a worker already gone took its kernel with it
+            pass
         client.close()
         if cluster is not None:
             cluster.close()
 
 
-def _write_manifest(study: Study, preset: str, out: Path, items: list[dict]) -> None:
+def _write_manifest(study: Study, preset: str, out: Path, items: list[dict], dataset: str | None = None) -> None:
     d = out / "studies" / study.name
     d.mkdir(parents=True, exist_ok=True)
     manifest = {"study": study.name, "title": study.title, "preset": preset, "axes": study.axes(preset),
+                "dataset_override": dataset,
                 "run_ids": [it["run_id"] for it in items],
                 "points": [{k: v for k, v in it["params"].items() if k != "out_dir"} for it in items]}
     atomic_write(d / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -265,14 +361,18 @@ def load_study(out="outputs", study: str = "p1"):
 
 
 def run_all(preset: str = "quick", out="outputs", workers: int = 1, scheduler: str | None = None,
-            studies: list[str] | None = None) -> dict:
-    """Every study, then the summary notebook and the HTML report (the main job, `make study`)."""
+            studies: list[str] | None = None, dataset: str | None = None) -> dict:
+    """Every study, then the summary notebook and the HTML report (the main job, `make study`).
+    Every study's points are checked (parameters, data sets) before the first one runs."""
     from .report import build_report
 
     out = Path(out).resolve()
+    names = studies or list(STUDIES)
+    for name in names:  # a missing data set or a bad point stops here, before any run
+        plan(get_study(name), preset, out, dataset)
     results = {}
-    for name in studies or list(STUDIES):
-        results[name] = run_study(name, preset, out, workers, scheduler)
+    for name in names:
+        results[name] = run_study(name, preset, out, workers, scheduler, dataset=dataset)
     execute_shared_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})
     index = build_report(out)
     print(f"report: {index}")

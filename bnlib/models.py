@@ -20,9 +20,10 @@ import re
 import torch
 from torch import nn
 
-from .norms import NORMS, Affine2d, get_norm
+from .norms import NORMS, get_norm, tag_norm
 
-__all__ = ["ResNet", "create_model", "arch_names", "parse_arch", "CONV_INITS", "INPUT_NORMS"]
+__all__ = ["ResNet", "create_model", "arch_names", "parse_arch", "CONV_INITS", "INPUT_NORMS", "SHORTCUTS",
+           "conv_layers", "middle_conv", "norm_layers", "param_roles"]
 
 # torchvision's stage tables: name -> (block, blocks per stage)
 IMAGENET_FAMILY = {
@@ -68,14 +69,40 @@ class ResidualGain(nn.Module):
     def __init__(self, alpha0: float, learnable: bool = True):
         super().__init__()
         self.alpha = nn.Parameter(torch.tensor(float(alpha0)), requires_grad=learnable)
+        self._bnlib_roles = {"alpha": "alpha"}  # its own optimizer group (alpha_lr_mult, alpha_wd)
 
     def forward(self, x):
         return x * self.alpha
 
 
-def _shortcut(cin: int, cout: int, stride: int, norm_layer) -> nn.Module:
+SHORTCUTS = ("A", "B")
+
+
+class PadShortcut(nn.Module):
+    """He et al. 2016's option A (Sec. 4.2, CIFAR): identity subsampled with the stride, the
+    extra channels zero-padded (half before, half after); no parameters, so the CIFAR ResNets
+    have their published sizes (ResNet-20: 0.27M, ResNet-110: 1.7M)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        if cout < cin:
+            raise ValueError(f"option-A shortcut cannot shrink channels ({cin} -> {cout}); use shortcut='B'")
+        self.cin, self.cout, self.stride = cin, cout, stride
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        pad = self.cout - self.cin
+        return nn.functional.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2)) if pad else x
+
+    def extra_repr(self) -> str:
+        return f"{self.cin}->{self.cout}, stride={self.stride}"
+
+
+def _shortcut(cin: int, cout: int, stride: int, norm_layer, kind: str = "B") -> nn.Module:
     if stride == 1 and cin == cout:
         return nn.Identity()
+    if kind == "A":
+        return PadShortcut(cin, cout, stride)
     # projection shortcut (option B of He et al.), normalized like torchvision's downsample
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(cout))
 
@@ -83,7 +110,7 @@ def _shortcut(cin: int, cout: int, stride: int, norm_layer) -> nn.Module:
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None):
+    def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None, shortcut: str = "B"):
         super().__init__()
         cout = planes * self.expansion
         self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
@@ -91,7 +118,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, cout, 3, 1, 1, bias=False)
         self.bn2 = norm_layer(cout)
         self.gain = gain if gain is not None else nn.Identity()
-        self.shortcut = _shortcut(cin, cout, stride, norm_layer)
+        self.shortcut = _shortcut(cin, cout, stride, norm_layer, shortcut)
         self.last_norm = self.bn2
 
     def branch(self, x):
@@ -104,7 +131,7 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None):
+    def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None, shortcut: str = "B"):
         super().__init__()
         cout = planes * self.expansion
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
@@ -114,7 +141,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = norm_layer(cout)
         self.gain = gain if gain is not None else nn.Identity()
-        self.shortcut = _shortcut(cin, cout, stride, norm_layer)
+        self.shortcut = _shortcut(cin, cout, stride, norm_layer, shortcut)
         self.last_norm = self.bn3
 
     def branch(self, x):
@@ -138,14 +165,14 @@ class InputNorm(nn.Module):
         return (x - self.mean) * self.inv_std
 
 
-def _input_bn(gamma0: float) -> nn.Module:
-    # P2 Sec. 3.3: a 3-channel BN fed raw [0,1] pixels; γ starts at γ0·0.58 (≈ √(1/2 − 1/(2π)),
-    # the std of ReLU of a unit Gaussian) and stays learnable; β is frozen at 0.
-    bn = nn.BatchNorm2d(3)
+def _input_bn(gamma0: float, channels: int = 3) -> nn.Module:
+    # P2 Sec. 3.3: a BN over the image channels fed raw [0,1] pixels; γ starts at γ0·0.58
+    # (≈ √(1/2 − 1/(2π)), the std of ReLU of a unit Gaussian) and stays learnable; β is frozen at 0.
+    bn = nn.BatchNorm2d(channels)
     with torch.no_grad():
         bn.weight.fill_(gamma0 * math.sqrt(0.5 - 1 / (2 * math.pi)))
     bn.bias.requires_grad_(False)
-    return bn
+    return tag_norm(bn, NORMS["bn"])  # a BN: its γ is grouped and tracked as a scale
 
 
 INPUT_NORMS = ("dataset", "raw", "bn")
@@ -157,14 +184,17 @@ class ResNet(nn.Module):
                  width=1.0, stem="cifar", zero_init_last_gamma=False, residual_gain=False,
                  alpha0=0.0, alpha_learnable=True, conv_init="kaiming_fan_in",
                  input_norm="dataset", input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0),
-                 bn_eps=1e-5, bn_momentum=0.1):
+                 bn_eps=1e-5, bn_momentum=0.1, in_channels=3, shortcut="B"):
         super().__init__()
         norm_layer = get_norm(norm, gamma0=gamma0, eps=bn_eps, momentum=bn_momentum)
         Block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
+        if shortcut not in SHORTCUTS or (shortcut == "A" and block != "basic"):
+            raise ValueError(f"shortcut={shortcut!r} with {block} blocks; valid choices: "
+                             f"{list(SHORTCUTS) if block == 'basic' else ['B']} (option A is for basic-block nets)")
         chans = [max(1, round(w * width)) for w in widths]
 
         if input_norm == "bn":
-            self.input_norm = _input_bn(gamma0)
+            self.input_norm = _input_bn(gamma0, in_channels)
         elif input_norm == "dataset":
             self.input_norm = InputNorm(input_mean, input_std)
         elif input_norm == "raw":
@@ -174,9 +204,9 @@ class ResNet(nn.Module):
 
         c = chans[0]
         if stem == "cifar":  # 3x3 stride-1 conv, no max-pool (He et al. 2016, Sec. 4.2)
-            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1, bias=False), norm_layer(c), nn.ReLU())
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), norm_layer(c), nn.ReLU())
         elif stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(3, c, 7, 2, 3, bias=False), norm_layer(c), nn.ReLU(),
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 7, 2, 3, bias=False), norm_layer(c), nn.ReLU(),
                                       nn.MaxPool2d(3, 2, 1))
         else:
             raise ValueError(f"stem={stem!r}; valid choices: ['cifar', 'imagenet']")
@@ -187,7 +217,7 @@ class ResNet(nn.Module):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
                 gain = ResidualGain(alpha0, alpha_learnable) if residual_gain else None
-                blocks.append(Block(cin, planes, stride, norm_layer, gain))
+                blocks.append(Block(cin, planes, stride, norm_layer, gain, shortcut))
                 cin = planes * Block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -204,7 +234,7 @@ class ResNet(nn.Module):
             for b in self.blocks():
                 nn.init.zeros_(b.last_norm.weight)
 
-    def forward(self, x):  # x: (N, 3, H, W) pixels in [0, 1]
+    def forward(self, x):  # x: (N, in_channels, H, W) pixels in [0, 1]
         x = self.stages(self.stem(self.input_norm(x)))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
@@ -215,12 +245,57 @@ class ResNet(nn.Module):
     def norm_layers(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every norm layer with parameters or statistics, in depth order
         (module registration order: stem, then per block bn1, bn2[, bn3], shortcut norm)."""
-        kinds = (nn.BatchNorm2d, Affine2d)
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, kinds)]
+        return norm_layers(self)
 
     def residual_gains(self) -> list[tuple[str, nn.Parameter]]:
         """(name, α) of each SkipInit residual gain, in depth order."""
         return [(n + ".alpha", m.alpha) for n, m in self.named_modules() if isinstance(m, ResidualGain)]
+
+    def conv_layers(self) -> list[tuple[int, str, nn.Conv2d]]:
+        return conv_layers(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# layers by role, for any module built from the registries (not by isinstance on layer types)
+# ----------------------------------------------------------------------------------------------
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer the norm registry built (bnlib.norms.tag_norm) that has
+    parameters or statistics ('none' builds parameterless identities: left out), in module
+    registration order."""
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "_bnlib_norm") and (any(True for _ in m.parameters(recurse=False))
+                                              or any(True for _ in m.buffers(recurse=False)))]
+
+
+def param_roles(model: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """(parameter name, role, parameter) for every parameter with a role: "scale" (norm γ),
+    "shift" (norm β) from the norm registry entry that built its layer, "alpha" (SkipInit
+    residual gain) from the factory. Parameters without a role are weights or plain biases."""
+    out = []
+    for n, m in model.named_modules():
+        for attr, role in getattr(m, "_bnlib_roles", {}).items():
+            p = getattr(m, attr, None)
+            if isinstance(p, nn.Parameter):
+                out.append((f"{n}.{attr}" if n else attr, role, p))
+    return out
+
+
+def conv_layers(model: nn.Module) -> list[tuple[int, str, nn.Conv2d]]:
+    """(index, name, conv) of every conv layer, indexed in depth order: the stem conv is 0, then
+    block by block its branch convs (conv1, conv2[, conv3]) and, after them, its projection
+    shortcut's conv when it has one (option B; option A has none). This is module
+    registration order, so "layer 55 of ResNet-110" means one conv: with option A the net has
+    109 convs (stem + 2 x 54), index 0..108, and layer 55 (1-based) is index 54, the middle one
+    (Bjorck et al. 2018, Fig. 3)."""
+    return [(i, n, m) for i, (n, m) in enumerate((n, m) for n, m in model.named_modules()
+                                                 if isinstance(m, nn.Conv2d))]
+
+
+def middle_conv(model: nn.Module) -> tuple[int, str, nn.Conv2d]:
+    """The conv at index len // 2 of conv_layers: P4's default layer for gradient histograms."""
+    convs = conv_layers(model)
+    return convs[len(convs) // 2]
 
 
 def create_model(arch: str = "resnet18", **kw) -> ResNet:

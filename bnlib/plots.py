@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["curves", "norm_drift", "norm_final_distribution"]
+__all__ = ["curves", "norm_drift", "norm_final_distribution", "acc_vs_batch", "acc_vs_lr", "arm_bars",
+           "channel_distribution", "mark_diverged"]
 
 
 def _theme():
@@ -35,6 +36,7 @@ def curves(epochs: pd.DataFrame, steps: pd.DataFrame | None = None, hue: str = "
     sns.lineplot(acc, x="epoch", y="accuracy", hue=hue, style="split", errorbar=errorbar, ax=axes[1],
                  marker="o", legend=False)
     axes[1].set_title("accuracy per epoch")
+    mark_diverged(axes[1], epochs, "test_acc")
     if ncols == 4:
         sns.lineplot(steps, x="step", y="loss", hue=hue, errorbar=errorbar, ax=axes[2], legend=False)
         axes[2].set_yscale("log")
@@ -46,10 +48,25 @@ def curves(epochs: pd.DataFrame, steps: pd.DataFrame | None = None, hue: str = "
     return fig
 
 
+def mark_diverged(ax, epochs: pd.DataFrame, y: str, x: str = "epoch") -> None:
+    """Mark the last recorded point of every diverged run with a red x (a diverged run is a
+    result: it stays in the plot, marked, not dropped)."""
+    if "status" not in epochs or not (epochs["status"] == "diverged").any():
+        return
+    d = epochs[epochs["status"] == "diverged"].sort_values(x).groupby("run_id").tail(1)
+    ax.scatter(d[x], d[y], marker="x", color="red", s=40, zorder=5, label="diverged")
+
+
+def _finished(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of runs that did not diverge: a diverged run's γ/β are not a learned state."""
+    return df[df["status"] != "diverged"] if "status" in df else df
+
+
 def norm_drift(norm_params: pd.DataFrame, hue: str = "norm", stat: str = "mean_abs_delta"):
     """P2's γ/β drift: mean |Δ| from the initial values per layer (x: depth) over epochs
     (colour), one panel per parameter kind (γ, β, α)."""
     _theme()
+    norm_params = _finished(norm_params)
     kinds = [k for k in ("gamma", "beta", "alpha") if k in set(norm_params["param"])]
     if not kinds:
         fig, ax = plt.subplots(figsize=(5, 2))
@@ -69,6 +86,7 @@ def norm_drift(norm_params: pd.DataFrame, hue: str = "norm", stat: str = "mean_a
 def norm_final_distribution(norm_params: pd.DataFrame, hue: str = "norm"):
     """Per-layer mean γ and β at the last epoch, against their initial values (P1, P2)."""
     _theme()
+    norm_params = _finished(norm_params)
     last = norm_params[norm_params["epoch"] == norm_params.groupby("run_id")["epoch"].transform("max")]
     kinds = [k for k in ("gamma", "beta") if k in set(last["param"])]
     if not kinds:
@@ -103,3 +121,49 @@ def arm_bars(runs: pd.DataFrame, x: str, metric: str = "test_acc_at_best_val", h
                   linestyle="none", ax=ax, capsize=0.1)
     sns.stripplot(runs, x=x, y=metric, hue=hue, dodge=bool(hue), alpha=0.4, ax=ax, legend=False)
     return ax.figure
+
+
+def acc_vs_lr(runs: pd.DataFrame, metric: str = "best_val_acc", hue: str = "norm", col: str | None = "batch_size",
+              selected: pd.DataFrame | None = None):
+    """Accuracy vs learning rate per arm (mean, band = min-max over seeds), log x; diverged runs
+    as red x at the accuracy they reached; the learning rate chosen on validation for each arm
+    (`selected`, from bnlib.stats.select_lr) circled."""
+    _theme()
+    g = sns.relplot(runs, x="lr", y=metric, hue=hue, col=col if col and runs[col].nunique() > 1 else None,
+                    kind="line", marker="o", errorbar=("pi", 100), height=3.2, aspect=1.2)
+    for ax in g.axes.flat:
+        ax.set_xscale("log")
+        d = runs
+        if col and runs[col].nunique() > 1:
+            v = ax.get_title().split(" = ")[-1]
+            d = runs[runs[col].astype(str) == v]
+        div = d[d["status"] == "diverged"] if "status" in d else d.iloc[:0]
+        ax.scatter(div["lr"], div[metric], marker="x", color="red", s=40, zorder=5)
+        if selected is not None:
+            s = selected if not (col and runs[col].nunique() > 1) else selected[selected[col].astype(str) == v]
+            ax.scatter(s["lr"], s["val_mean"] if metric == "best_val_acc" else s.get(metric, s["val_mean"]),
+                       s=160, facecolors="none", edgecolors="black", zorder=6)
+    g.set_axis_labels("learning rate", metric.replace("_", " "))
+    g.figure.suptitle("accuracy vs learning rate (red x: diverged; circle: chosen on validation)", y=1.04)
+    return g.figure
+
+
+def channel_distribution(channels: pd.DataFrame, hue: str = "norm"):
+    """P1's figure: the distribution of the learned per-channel γ and β at the end of training
+    (every channel of every norm layer, diverged runs left out), one panel per parameter."""
+    _theme()
+    channels = _finished(channels)
+    kinds = [k for k in ("gamma", "beta") if k in set(channels["param"])]
+    if not kinds:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.text(0.5, 0.5, "no per-channel γ/β recorded (norms without γ/β, or no finished runs)",
+                ha="center", va="center")
+        ax.axis("off")
+        return fig
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 3.4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        d = channels[channels["param"] == kind]
+        sns.histplot(d, x="value", hue=hue, ax=ax, element="step", stat="density", common_norm=False, bins=60)
+        ax.set_title(f"final per-channel {kind} ({d.groupby(hue).size().min()}+ channels per arm)")
+    fig.tight_layout()
+    return fig

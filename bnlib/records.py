@@ -6,6 +6,8 @@
       epochs.parquet      per epoch: lr_now, train/val/test loss and accuracy, seconds
       steps.parquet       every `log_every` steps: loss, lr_now, gradient norm
       norm_params.parquet per epoch (0 = init) per norm layer / residual gain: γ, β, α stats
+      channels.parquet    at the end: γ and β of every channel of every norm layer, and their init
+      probes.parquet      runs with `probes`: step, probe, layer, depth, quantity, x, value (bnlib.probes)
 
 Every file is written atomically (temp file in the same folder, then os.replace), so a reader
 never sees half a file. `load_runs(path)` gathers all runs under a path into tidy DataFrames.
@@ -28,13 +30,17 @@ import pandas as pd
 import torch
 
 from .config import IDENTITY_EXCLUDED
+from .device import device_provenance
 
-__all__ = ["run_id", "provenance", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
+__all__ = ["run_id", "provenance", "config_record", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
            "check_writable", "STATUSES", "FINISHED"]
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINISHED = ("completed", "diverged")  # results: skipped on rerun, loaded by load_runs
-TABLES = ("epochs", "steps", "norm_params")
+TABLES = ("epochs", "steps", "norm_params")  # every run has these
+# Tables a run has only when it records them (older runs, or a feature turned off): loaded when
+# present, an empty frame otherwise. channels: the final γ/β of every channel of every norm layer.
+OPTIONAL_TABLES = ("channels", "probes")  # probes: measurements inside training (bnlib.probes)
 
 
 def run_id(cfg: dict) -> str:
@@ -127,7 +133,25 @@ def provenance(cfg: dict) -> dict:
             "python": platform.python_version(), "platform": platform.platform(),
             "device": str(dev), "device_name": _device_name(dev), "precision": cfg["precision"],
             "threads": torch.get_num_threads(), "hostname": platform.node(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **device_provenance(dev)}  # CUDA/cuDNN/driver, GPU and capability, TF32/cuDNN flags in force
+
+
+def config_record(rd: "RunDir", rid: str, cfg: dict, resuming: bool) -> dict:
+    """config.json: the run's parameters and its provenance. `provenance` is this start or
+    resume (readers that want one entry read it); `provenance_history` has one entry per start
+    or resume of the records in the directory, oldest first, so a run started on one machine
+    and resumed on another shows both. A fresh start (no checkpoint) begins the history anew:
+    the records of an earlier attempt are gone with it."""
+    entry = {**provenance(cfg), "event": "resume" if resuming else "start"}
+    history = []
+    if resuming:
+        try:
+            old = rd.read_json("config")
+        except (OSError, ValueError):  # unreadable: the entries before it are lost, not this one
+            old = {}
+        history = old.get("provenance_history") or ([old["provenance"]] if old.get("provenance") else [])
+    return {"run_id": rid, "params": cfg, "provenance": entry, "provenance_history": [*history, entry]}
 
 
 class RunDir:
@@ -185,7 +209,7 @@ class RunDir:
                 self.read_json(name)
             except (OSError, ValueError) as e:
                 return f"{name}.json unreadable: {type(e).__name__}: {e}"
-        for t in TABLES:
+        for t in (*TABLES, *(t for t in OPTIONAL_TABLES if (self.path / f"{t}.parquet").exists())):
             try:
                 pq.read_metadata(self.path / f"{t}.parquet")
             except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds
@@ -224,13 +248,17 @@ def _interrupted(rd: RunDir, st: dict) -> bool:
 class Runs:
     """All runs under a path. `runs`: one row per run (config + status + headline metrics);
     `epochs`, `steps`, `norm_params`: tidy tables, each row carrying its run's config columns.
-    `skipped`: (run directory, reason) for every folder that could not be read."""
+    `skipped`: (run directory, reason) for every folder that could not be read. `channels`:
+    per-channel final γ/β (runs that recorded them). `probes`: the rows of bnlib.probes (runs
+    that requested probes), long format."""
 
     runs: pd.DataFrame
     epochs: pd.DataFrame
     steps: pd.DataFrame
     norm_params: pd.DataFrame
     skipped: list = field(default_factory=list)
+    channels: pd.DataFrame = field(default_factory=pd.DataFrame)
+    probes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _flat_status(st: dict) -> dict:
@@ -244,7 +272,7 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
     """Read every run directory under `path` (searched recursively for config.json; only those
     named in `run_ids` if given). Runs whose status is not in `statuses` (e.g. still running, or
     failed) or whose files cannot be read are left out and listed in `.skipped` with the reason."""
-    rows, tables, skipped = [], {t: [] for t in TABLES}, []
+    rows, tables, skipped = [], {t: [] for t in (*TABLES, *OPTIONAL_TABLES)}, []
     for cfg_path in sorted(Path(path).rglob("config.json")):
         rd = RunDir(cfg_path.parent)
         if run_ids is not None and rd.id not in run_ids:
@@ -265,6 +293,8 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
         params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in conf.get("params", {}).items()}
         try:
             frames = {t: pd.read_parquet(rd.path / f"{t}.parquet") for t in TABLES}
+            frames |= {t: pd.read_parquet(rd.path / f"{t}.parquet") for t in OPTIONAL_TABLES
+                       if (rd.path / f"{t}.parquet").exists()}
         except Exception as e:  # noqa: BLE001 — any unreadable table excludes the run
             skipped.append((str(rd.path), f"unreadable table: {type(e).__name__}: {e}"))
             continue
@@ -280,4 +310,5 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
         # a table's own column wins over a run-level one of the same name (none by design)
         return df.merge(runs.drop(columns=[c for c in runs if c in df and c != "run_id"]), on="run_id", how="left")
 
-    return Runs(runs, join("epochs"), join("steps"), join("norm_params"), skipped)
+    return Runs(runs, join("epochs"), join("steps"), join("norm_params"), skipped, channels=join("channels"),
+                probes=join("probes"))

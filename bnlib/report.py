@@ -36,6 +36,18 @@ def _has_error(nb_path: Path) -> bool:
     return any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
+def _verdict_list(path: Path) -> str:
+    """The study's verdict sentences (written by its analysis notebook), so a reader sees the
+    conclusions on the index, next to the link; nothing when there are none yet."""
+    try:
+        verdicts = json.loads(path.read_text())
+        items = "".join(f'<li class="{html.escape(v["outcome"])}"><b>{html.escape(v["outcome"])}</b>: '
+                        f'{html.escape(v["sentence"])}</li>' for v in verdicts)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f'<ul class="verdicts">{items}</ul>'
+
+
 def build_report(out="outputs") -> Path:
     """Render summary, studies and runs; write report/index.html. Returns its path."""
     out = Path(out)
@@ -73,7 +85,7 @@ def build_report(out="outputs") -> Path:
         if rel is None:
             continue
         study_rows.append(f'<li><a href="{rel}">{html.escape(title)}</a> [{preset}]'
-                          f'{" (has errors)" if _has_error(nb) else ""}</li>')
+                          f'{" (has errors)" if _has_error(nb) else ""}{_verdict_list(nb.parent / "verdicts.json")}</li>')
     sections.append("<h2>Studies</h2><ul>" + ("".join(study_rows) or "<li>none run yet</li>") + "</ul>")
 
     run_rows = []
@@ -99,7 +111,9 @@ def build_report(out="outputs") -> Path:
     rep.mkdir(parents=True, exist_ok=True)
     atomic_write(index, f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <title>bnlib report</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
-td,th{{padding:2px 10px;text-align:left}} tr:nth-child(even){{background:#f4f4f4}}</style></head>
+td,th{{padding:2px 10px;text-align:left}} tr:nth-child(even){{background:#f4f4f4}}
+ul.verdicts li{{margin:4px 0}} li.supported b{{color:#1a7f37}} li.contradicted b{{color:#b42318}}
+li.inconclusive b{{color:#9a6700}}</style></head>
 <body><h1>bnlib report</h1><p>outputs: <code>{html.escape(os.fspath(out.resolve()))}</code></p>
 {''.join(sections)}</body></html>""".encode())
     return index

@@ -25,10 +25,14 @@ from filelock import Timeout
 from tqdm import tqdm
 
 from .config import validate
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
+from .device import configure_backends
+from . import bnstats
+from .bnstats import fixed_batches
 from .data import augment, check_data, load_data, steps_per_epoch, to_input
-from .models import create_model
-from .norms import Affine2d
-from .records import FINISHED, RunDir, atomic_path, check_writable, provenance, run_id
+from .models import create_model, norm_layers, param_roles
+from .probes import ProbeRunner
+from .records import FINISHED, RunDir, check_writable, config_record, run_id
 
 __all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups", "NormTracker", "build_model", "RunResult"]
 
@@ -38,30 +42,31 @@ __all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups
 # ----------------------------------------------------------------------------------------------
 
 def build_model(cfg: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes: int = 10):
+    """The run's network; the input channel count follows the data set's (len(mean))."""
     keys = ("norm", "gamma0", "width", "stem", "zero_init_last_gamma", "residual_gain", "alpha0",
-            "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum")
+            "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum", "shortcut")
     return create_model(cfg["arch"], num_classes=num_classes, input_mean=mean, input_std=std,
-                        **{k: cfg[k] for k in keys})
+                        in_channels=len(mean), **{k: cfg[k] for k in keys})
 
 
 def param_groups(model: torch.nn.Module, cfg: dict) -> list[dict]:
-    """Three groups, each with its own lr multiplier and weight decay (P2 Sec. 3.2):
-    'scale' = norm γ and SkipInit α; 'bias' = norm β and all biases; 'weight' = conv/linear
-    weights. By default only weights are decayed: decay on γ/β is a confound in BN studies."""
-    scale_ids = set()
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, Affine2d)) and getattr(m, "weight", None) is not None:
-            scale_ids.add(id(m.weight))
-    scale_ids |= {id(p) for _, p in model.residual_gains()}
-    groups = {"scale": [], "bias": [], "weight": []}
+    """Four groups, each with its own lr multiplier and weight decay (P2 Sec. 3.2): 'scale' =
+    norm γ; 'bias' = norm β and all other biases; 'alpha' = SkipInit residual gains (P5);
+    'weight' = conv/linear weights. Roles come from the norm registry entry that built each
+    layer and from the factory (bnlib.models.param_roles), so a new norm needs no edit here. By
+    default only weights are decayed: decay on γ/β is a confound in BN studies."""
+    role = {id(p): r for _, r, p in param_roles(model)}
+    groups = {"scale": [], "bias": [], "alpha": [], "weight": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = "scale" if id(p) in scale_ids else "bias" if p.ndim <= 1 else "weight"
+        r = role.get(id(p))
+        kind = {"scale": "scale", "shift": "bias", "alpha": "alpha"}[r] if r else "bias" if p.ndim <= 1 else "weight"
         groups[kind].append(p)
     lr = cfg["lr"]
     spec = {"scale": (lr * cfg["gamma_lr_mult"], cfg["gamma_wd"]),
             "bias": (lr * cfg["bias_lr_mult"], cfg["bias_wd"]),
+            "alpha": (lr * cfg["alpha_lr_mult"], cfg["alpha_wd"]),
             "weight": (lr, cfg["weight_decay"])}
     return [{"name": k, "params": ps, "lr": spec[k][0], "weight_decay": spec[k][1]}
             for k, ps in groups.items() if ps]
@@ -92,14 +97,17 @@ class NormTracker:
     """γ/β drift (P2 Sec. 3: after standard training γ and β barely move from 1 and 0): per
     norm layer and residual gain, summary statistics and mean |Δ| from the initial values."""
 
+    KINDS = {"scale": "gamma", "shift": "beta"}  # registry role -> the `param` column
+
     def __init__(self, model):
         self.params = []  # (depth index, layer name, kind, parameter)
-        for i, (name, m) in enumerate(model.norm_layers()):
-            for kind, attr in (("gamma", "weight"), ("beta", "bias")):
+        # the roles of each norm layer's parameters come from its registry entry (tag_norm)
+        for i, (name, m) in enumerate(norm_layers(model)):
+            for attr, r in sorted(m._bnlib_roles.items(), key=lambda a: list(self.KINDS).index(a[1])):
                 p = getattr(m, attr, None)
                 if isinstance(p, torch.Tensor):
-                    self.params.append((i, name, kind, p))
-        for j, (name, p) in enumerate(model.residual_gains()):
+                    self.params.append((i, name, self.KINDS[r], p))
+        for j, (name, _, p) in enumerate(x for x in param_roles(model) if x[1] == "alpha"):
             self.params.append((j, name, "alpha", p))
         self.init = [p.detach().float().clone() for *_, p in self.params]
 
@@ -116,10 +124,26 @@ class NormTracker:
                  "min": s[2], "max": s[3], "mean_abs_delta": s[4]}
                 for (i, name, kind, _), s in zip(self.params, stats)]
 
+    @torch.no_grad()
+    def channels(self) -> dict:
+        """Every channel's current and initial value, per layer (P1's figure of the learned γ/β
+        distributions needs the per-channel values, not per-layer means): a column table."""
+        cols = {"depth": [], "layer": [], "param": [], "channel": [], "value": [], "init": []}
+        for (i, name, kind, p), p0 in zip(self.params, self.init):
+            v, v0 = p.detach().float().flatten().cpu().tolist(), p0.flatten().cpu().tolist()
+            cols["depth"] += [i] * len(v)
+            cols["layer"] += [name] * len(v)
+            cols["param"] += [kind] * len(v)
+            cols["channel"] += list(range(len(v)))
+            cols["value"] += v
+            cols["init"] += v0
+        return cols
+
 
 @torch.no_grad()
 def evaluate(model, x_u8, y, cfg, autocast) -> tuple[float, float]:
-    """(mean loss, accuracy) in eval mode (BN uses running statistics)."""
+    """(mean loss, accuracy) in eval mode (BN uses the statistics it holds: the running ones, or
+    inside bnstats.precise_bn the recomputed ones)."""
     model.eval()
     loss = torch.zeros((), device=y.device)
     correct = torch.zeros((), device=y.device, dtype=torch.long)
@@ -133,6 +157,37 @@ def evaluate(model, x_u8, y, cfg, autocast) -> tuple[float, float]:
     if len(y) == 0:  # validate() rules this out; never report 0/0 as an accuracy of 0
         return math.nan, math.nan
     return loss.item() / len(y), correct.item() / len(y)
+
+
+# Which rule declared a run diverged (status.json: diverged_rule), and what it usually means.
+DIVERGENCE_RULES = {
+    "nonfinite": "a training loss was NaN or infinite: the weights overflowed, typically an unnormalized "
+                 "net at a learning rate tuned for BN (P4)",
+    "blowup": "the smoothed loss rose above diverge_factor × max(ln K, its lowest value so far): the loss "
+              "blew up after training had started, typically a learning rate too large for this net",
+    "stuck_above_chance": "after the first epoch the smoothed loss was still above diverge_factor × ln K: "
+                          "the net never came near chance-level loss, typically a deep unnormalized net whose "
+                          "initial loss is huge (activations growing with depth, P4/P5)",
+}
+
+
+def divergence(losses: list[float], lowest: float, past_first_epoch: bool, num_classes: int,
+               factor: float) -> tuple[str | None, int]:
+    """Check one logging window of per-step training losses. Returns (rule, offset of the step
+    in the window) or (None, -1). The smoothed loss is the window's mean; `lowest` is the
+    lowest smoothed loss so far (the initial loss before the first window). Two references,
+    because one is not enough: relative to the initial loss alone, a no-norm ResNet-101 that
+    starts near 3·10⁵ could only diverge through NaN; relative to chance (ln K) alone, a run
+    that trained to 0.1 and jumps to 2 would not count."""
+    bad = next((j for j, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        return "nonfinite", bad
+    smoothed, chance = sum(losses) / len(losses), math.log(num_classes)
+    if smoothed > factor * max(chance, lowest):
+        return "blowup", len(losses) - 1
+    if past_first_epoch and smoothed > factor * chance:
+        return "stuck_above_chance", len(losses) - 1
+    return None, -1
 
 
 def seed_everything(seed: int) -> None:
@@ -155,6 +210,7 @@ def _progress_kwargs() -> dict:
 def train(cfg: dict, rd: RunDir | None = None) -> dict:
     """Train one resolved config; write records to `rd` after every epoch. Returns the status."""
     device = torch.device(cfg["device"])
+    configure_backends(cfg)  # TF32, cuDNN autotuning, determinism: process-wide, set for every run
     seed_everything(cfg["seed"])
     data = load_data(cfg, device)
     model = build_model(cfg, data.mean, data.std, data.num_classes).to(device)
@@ -171,39 +227,63 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # order + augmentation
+    # Fixed training batches (stored order, no augmentation, no RNG): affine_bn_init's
+    # initialization batch and the batches of precise evaluation statistics.
+    stat_batches = [to_input(xb, cfg["channels_last"])
+                    for xb in fixed_batches(data.x_train, cfg["batch_size"], cfg["precise_batches"])]
+
+    def fwd_autocast(xb):
+        with autocast():
+            return fwd(xb)
+
+    bnstats.init_from_batch(model, stat_batches[0], fwd_autocast)  # no-op unless norm=affine_bn_init
+
+    def eval_stats():  # BN's running statistics, or exact ones recomputed with the current weights
+        if cfg["bn_eval_stats"] == "precise":
+            return bnstats.precise_bn(model, stat_batches, fwd_autocast)
+        return contextlib.nullcontext()
+
     tracker = NormTracker(model)
     epochs, steps, norms = [], [], tracker.snapshot(0)
+    n_probe = min(cfg["probe_batch_size"], len(data.y_train))  # P3-P5 measurements: bnlib.probes
+    probes = ProbeRunner(cfg, model, opt, lambda o, t: F.cross_entropy(o.float(), t, label_smoothing=cfg["label_smoothing"]),
+                         (to_input(data.x_train[:n_probe], cfg["channels_last"]), data.y_train[:n_probe]), spe, [gen])
     status = {"status": "running", "diverged_step": None}
     init_loss, step, t_start, first_epoch = None, 0, time.perf_counter(), 1
+    lowest = math.inf  # lowest smoothed loss so far (divergence reference)
     ckpt = rd.path / "checkpoint.pt" if rd is not None else None
     if ckpt is not None and ckpt.exists():  # resume an interrupted run where its last epoch ended
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt)  # on the CPU; load_state_dict moves what belongs on the device
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"].to(gen.device) if device.type != "cpu" else state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
+        set_rng_states(state, gen, device)
         tracker.init = [t.to(device) for t in state["tracker_init"]]
         epochs, steps, norms = state["epochs"], state["steps"], state["norms"]
         init_loss, step, first_epoch = state["init_loss"], state["step"], state["epoch"] + 1
+        lowest = state.get("lowest", math.inf)
+        probes.restore(state.get("probes", []))
         status["resumed_from_epoch"] = state["epoch"]
     bar = tqdm(total=total, initial=step, desc=cfg.get("_desc", "train"), disable=not cfg["progress"], **_progress_kwargs())
     recent = []  # per-step loss tensors since the last host read (checked for divergence)
 
     def read_back(step, epoch, lr, gnorm):
         """One host read every `log_every` steps: log this step, check every recent step."""
-        nonlocal init_loss
+        nonlocal init_loss, lowest
         vals = torch.stack([*recent, gnorm]).float().cpu().tolist()
         losses, g = vals[:-1], vals[-1]
         first = step - len(losses) + 1
         init_loss = losses[0] if init_loss is None else init_loss
-        steps.append({"step": step, "epoch": epoch, "loss": losses[-1], "loss_window_mean": sum(losses) / len(losses),
+        window_mean = sum(losses) / len(losses)
+        steps.append({"step": step, "epoch": epoch, "loss": losses[-1], "loss_window_mean": window_mean,
                       "lr_now": lr, "grad_norm": g})
         recent.clear()
-        bad = [first + j for j, v in enumerate(losses) if not math.isfinite(v) or v > cfg["diverge_factor"] * init_loss]
-        return (bad[0] if bad else None), losses[-1]
+        rule, j = divergence(losses, min(lowest, init_loss), epoch > 1, data.num_classes, cfg["diverge_factor"])
+        if math.isfinite(window_mean):
+            lowest = min(lowest, window_mean)
+        if rule is not None:
+            status.update(diverged_rule=rule, diverged_loss=losses[j], diverged_meaning=DIVERGENCE_RULES[rule])
+        return (first + j if rule else None), losses[-1]
 
     model.train()
     for epoch in range(first_epoch, cfg["epochs"] + 1):
@@ -215,6 +295,7 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
             idx = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
             x = to_input(augment(data.x_train[idx], cfg["crop_pad"], cfg["flip"], gen), cfg["channels_last"])
             y = data.y_train[idx]
+            probes.at(step, x, y)  # the probes due before this update (init, every k, probe_steps)
             with autocast():
                 out = fwd(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
@@ -238,10 +319,12 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
                 if bad_step is not None:
                     status.update(status="diverged", diverged_step=bad_step)
                     break
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - probes.take_seconds()  # training only
+        probes.at(step, x, y, epoch_end=True)  # every requested probe at every epoch end
         n_seen = (i + 1) * cfg["batch_size"]
-        val_loss, val_acc = evaluate(fwd, data.x_val, data.y_val, cfg, autocast)
-        test_loss, test_acc = evaluate(fwd, data.x_test, data.y_test, cfg, autocast)
+        with eval_stats():
+            val_loss, val_acc = evaluate(fwd, data.x_val, data.y_val, cfg, autocast)
+            test_loss, test_acc = evaluate(fwd, data.x_test, data.y_test, cfg, autocast)
         epochs.append({"epoch": epoch, "step": step, "lr_now": opt.param_groups[-1]["lr"],
                        "train_loss": train_loss.item() / (i + 1), "train_acc": train_correct.item() / n_seen,
                        "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
@@ -249,31 +332,35 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
         norms += tracker.snapshot(epoch)
         if rd is not None:
             _write_tables(rd, epochs, steps, norms)
+            if probes:
+                rd.write_table("probes", probes.frame())
             if status["status"] == "running" and epoch < cfg["epochs"]:
-                _save_checkpoint(ckpt, {
-                    "epoch": epoch, "step": step, "init_loss": init_loss, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate(), "tracker_init": tracker.init,
-                    "epochs": epochs, "steps": steps, "norms": norms})
+                save_checkpoint(ckpt, {  # + every RNG state (bnlib.checkpoint)
+                    "epoch": epoch, "step": step, "init_loss": init_loss, "lowest": lowest, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "tracker_init": tracker.init,
+                    "epochs": epochs, "steps": steps, "norms": norms, "probes": probes.rows}, gen, device)
         bar.set_postfix(epoch=epoch, loss=f"{epochs[-1]['train_loss']:.3f}", val_acc=f"{val_acc:.3f}")
         if status["status"] == "diverged":
             break
     bar.close()
+    status["metrics"] = headline(epochs)
+    if bnstats.has_running_stats(model) and epochs:  # the other kind of evaluation statistics, once, at the end
+        own = cfg["bn_eval_stats"]
+        other = next(k for k in bnstats.EVAL_STATS if k != own)
+        status["metrics"].update({f"final_val_acc_{own}": epochs[-1]["val_acc"],
+                                  f"final_test_acc_{own}": epochs[-1]["test_acc"]})
+        with bnstats.precise_bn(model, stat_batches, fwd_autocast) if other == "precise" else contextlib.nullcontext():
+            status["metrics"][f"final_val_acc_{other}"] = evaluate(fwd, data.x_val, data.y_val, cfg, autocast)[1]
+            status["metrics"][f"final_test_acc_{other}"] = evaluate(fwd, data.x_test, data.y_test, cfg, autocast)[1]
+    if rd is not None:
+        rd.write_table("channels", tracker.channels())
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)  # the records are complete; the checkpoint only served resuming
     if status["status"] == "running":
         status["status"] = "completed"
-    status["metrics"] = headline(epochs)
     status["total_seconds"] = time.perf_counter() - t_start
     status["data_sizes"] = data.sizes()
     return status
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomically: a kill during the save leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def headline(epochs: list[dict]) -> dict:
@@ -349,9 +436,10 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
         if rerun:
             (rd.path / "checkpoint.pt").unlink(missing_ok=True)
         if not (rd.path / "checkpoint.pt").exists():
-            for t in ("epochs", "steps", "norm_params"):  # a fresh start writes its tables afresh
+            for t in ("epochs", "steps", "norm_params", "probes"):  # a fresh start writes its tables afresh
                 (rd.path / f"{t}.parquet").unlink(missing_ok=True)
-        rd.write_json("config", {"run_id": rid, "params": cfg, "provenance": provenance(cfg)})
+        configure_backends(cfg)  # before the provenance, which records the flags in force
+        rd.write_json("config", config_record(rd, rid, cfg, resuming=(rd.path / "checkpoint.pt").exists()))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         rd.write_json("status", {"status": "running", "started": started, "pid": os.getpid(),
                                  "hostname": socket.gethostname()})

@@ -2,16 +2,20 @@
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats N] [--out outputs/bench]
         [--n-train N] [--threads N] [--budget-s S] [--max-foreign F] [--wait-idle S] [--loops a,b]
-        [--device D]
+        [--device D] [--probe-calls N]
 
 One process, one model (resnet18, BN, CIFAR stem; width 0.25 on CPU, 1.0 on CUDA), one data
 set (bnlib's synthetic images, the same training images for every loop), batch size 128.
-Loops, run interleaved (reference, bnlib, bnlib_fp32, ceiling, bnlib_lean, reference, ...):
+Loops, run interleaved (reference, reference_warm, bnlib, bnlib_fp32, ceiling, bnlib_lean, reference, ...):
 
   reference   the popular CIFAR loop: Dataset of PIL images + torchvision transforms
               (RandomCrop(32, 4), RandomHorizontalFlip, ToTensor, Normalize), DataLoader with
               num_workers=2, shuffle, drop_last; fp32, NCHW, SGD(momentum 0.9), loss.item()
-              per step as in the PyTorch tutorial.
+              per step as in the PyTorch tutorial. Cold: the workers start inside each timed
+              epoch (the default persistent_workers=False), on the same short epoch as bnlib's.
+  reference_warm  the same loop warm: persistent workers started before timing, on its own
+              epoch of >= 8000 images. Both are reported: on short epochs the cold figure
+              counts the workers' start-up and flatters bnlib/reference.
   bnlib       bnlib.run with its defaults (precision auto, channels_last, records written to a
               temporary run directory, log_every 10); one fresh 2-epoch run per round, the
               first epoch is warm-up, the second epoch's `img_per_s` (training only, bnlib's
@@ -30,6 +34,9 @@ rounds above --max-foreign are left out of the summary when at least 2 clean rou
 values stay in the JSON); --wait-idle S makes each round wait up to S seconds for an idle
 machine first. --budget-s bounds the run: no new round starts that would end past it.
 Writes <out>/bench.json (machine, results, ratios, diagnostics_overhead) and prints a table.
+Then the cost of every registered probe (bnlib.probes), in ms per call on the bench model with
+a training batch of 128 (--probe-calls timed calls each after one untimed; 0 skips), so users
+can choose a probe cadence: a probe every k steps adds about ms_per_call / k to each step.
 """
 from __future__ import annotations
 
@@ -55,13 +62,15 @@ from PIL import Image
 
 import bnlib
 from bnlib.data import load_data, to_input
+from bnlib.device import configure_backends
 from bnlib.models import create_model
 from bnlib.records import RunDir, git_commit
 from bnlib.train import build_model, make_optimizer, param_groups
 from bnlib.train import train as bnlib_train
 
 BATCH = 128
-LOOPS = ("reference", "bnlib", "bnlib_fp32", "ceiling", "bnlib_lean")
+LOOPS = ("reference", "reference_warm", "bnlib", "bnlib_fp32", "ceiling", "bnlib_lean")
+WARM_IMAGES = 8000  # reference_warm's epoch: long enough that nothing but steady state shows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +123,20 @@ def _cpu_busy_jiffies() -> tuple[float, float] | None:
     return (total - idle) / hz, total / hz
 
 
+def _live_children_cpu() -> dict[int, float]:
+    """{pid: user + system CPU seconds} of this process's live child processes (psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    out = {}
+    for c in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            t = c.cpu_times()
+            out[c.pid] = t.user + t.system
+    return out
+
+
 class ForeignLoad:
     """How much of the machine other processes used while a config ran: (machine busy CPU time
     - this process's and its reaped children's CPU time) / (wall time x CPUs). On a shared
@@ -121,13 +144,17 @@ class ForeignLoad:
 
     def __enter__(self):
         self.m0, self.t0, self.w0 = _cpu_busy_jiffies(), os.times(), time.perf_counter()
+        self.k0 = _live_children_cpu()
         return self
 
     def __exit__(self, *exc):
         m1, t1, wall = _cpu_busy_jiffies(), os.times(), time.perf_counter() - self.w0
+        k1 = _live_children_cpu()
         self.frac = None
         if self.m0 and m1 and wall > 0:
             own = sum(b - a for a, b in zip(self.t0[:4], t1[:4]))  # user, sys, children user/sys
+            # children still alive (persistent DataLoader workers) are not in os.times: add theirs
+            own += sum(v - self.k0.get(pid, 0.0) for pid, v in k1.items())
             busy = m1[0] - self.m0[0]
             self.frac = max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
         return False
@@ -260,19 +287,21 @@ class PILImages(torch.utils.data.Dataset):
 
 class ReferenceLoop:
     """The popular CIFAR loop. The model, optimizer and DataLoader live across rounds (a long
-    run); each timed epoch starts the DataLoader's workers afresh, as the default
-    (persistent_workers=False) loop does every epoch."""
+    run). Cold (`reference`): each timed epoch starts the DataLoader's workers afresh, as the
+    default (persistent_workers=False) loop does every epoch; on a short epoch that start-up is
+    a large share of the time. Warm (`reference_warm`): persistent workers, started before the
+    first timed epoch, on an epoch of >= WARM_IMAGES images: the loop's steady state."""
 
-    def __init__(self, data, width: float, device: torch.device, seed: int = 0):
+    def __init__(self, data, width: float, device: torch.device, seed: int = 0, persistent: bool = False):
         import torchvision.transforms as T
 
-        self.device = device
+        self.device, self.persistent = device, persistent
         tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(data.mean, data.std)])
         ds = PILImages(data.x_train.cpu().numpy(), data.y_train.cpu().numpy(), tf)
         g = torch.Generator().manual_seed(seed)
         self.loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, drop_last=True,
-                                                  num_workers=2, generator=g)
+                                                  num_workers=2, generator=g, persistent_workers=persistent)
         torch.manual_seed(seed)
         # the transform normalizes, so the model takes its input as it is (input_norm='raw')
         self.model = create_model("resnet18", norm="bn", stem="cifar", width=width, input_norm="raw",
@@ -292,9 +321,16 @@ class ReferenceLoop:
         return loss.item()
 
     def warmup(self, steps: int):
+        # the backend flags are process-wide and every bnlib run sets them: fix them here too, so
+        # each round's reference runs the same arithmetic (IEEE fp32; cuDNN autotuning on CUDA)
+        configure_backends({"device": str(self.device), "precision": "fp32"})
         self.model.train()
         for _ in range(steps):
             self.step(*self.warm)
+        if self.persistent:  # start the workers now, untimed: they live on into every timed epoch
+            for k, _ in enumerate(self.loader):
+                if k >= 1:
+                    break
         sync(self.device)
 
     def epoch(self) -> dict:
@@ -327,6 +363,7 @@ class CeilingLoop:
         self.batches = [(to_input(data.x_train[i * BATCH:(i + 1) * BATCH], cfg["channels_last"]),
                          data.y_train[i * BATCH:(i + 1) * BATCH]) for i in range(steps)]
         self.bf16 = cfg["precision"] == "bf16"
+        self.cfg = cfg
 
     def step(self, x, y):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -338,6 +375,7 @@ class CeilingLoop:
         return loss
 
     def warmup(self, steps: int):
+        configure_backends(self.cfg)  # bnlib's flags (process-wide; the last run may have set others)
         self.model.train()
         for _ in range(steps):
             self.step(*self.batches[0])
@@ -396,6 +434,49 @@ def bnlib_epoch(cfg: dict, lean: bool, root: Path, tag: str) -> dict:
 # main
 # ----------------------------------------------------------------------------------------------
 
+def probe_costs(params: dict, data, device: torch.device, calls: int) -> dict:
+    """ms per call of every registered probe on the bench model, through the loop's hook
+    (ProbeRunner.at: model copy, RNG save/restore, fp32), after one untimed call each."""
+    import copy
+
+    from bnlib.probes import PROBES, ProbeRunner, probe_names
+
+    cfg = bnlib.validate(params, probes=probe_names())
+    torch.manual_seed(0)
+    model = build_model(cfg, data.mean, data.std, data.num_classes).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(param_groups(model, cfg), cfg)
+    x, y = to_input(data.x_train[:BATCH], cfg["channels_last"]), data.y_train[:BATCH]
+    k = min(cfg["probe_batch_size"], len(data.y_train))
+    pb = (to_input(data.x_train[:k], cfg["channels_last"]), data.y_train[:k])
+    runner = ProbeRunner(cfg, model, opt, lambda o, t: F.cross_entropy(o.float(), t), pb, len(data.y_train) // BATCH)
+    out, step = {}, 0
+    for name in probe_names():
+        runner.every = {name: None}
+        ms = []
+        for c in range(calls + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            runner.at(step, x, y, epoch_end=True)
+            sync(device)
+            if c > 0:
+                ms.append(1000 * (time.perf_counter() - t0))
+            step += 1
+        out[name] = {**summarize(ms), "default_every": PROBES[name].default_every}
+    copies = []
+    for _ in range(max(3, calls)):
+        t0 = time.perf_counter()
+        copy.deepcopy(model)
+        sync(device)
+        copies.append(1000 * (time.perf_counter() - t0))
+    return {"ms_per_call": out, "model_copy_ms": summarize(copies), "calls": calls,
+            "probe_batch_size": k, "train_batch_size": BATCH,
+            "note": ("wall ms per call of ProbeRunner.at with one probe due (model deep copy, RNG save/restore, "
+                     "the probe in fp32), median/min/max over the timed calls; model_copy_ms: the deep copy "
+                     "alone. A probe every k steps costs about ms_per_call / k per step.")}
+
+
 def summarize(vals: list[float]) -> dict:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
@@ -420,6 +501,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--out", default="outputs/bench", help="folder for bench.json")
     ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated subset of {','.join(LOOPS)}")
+    ap.add_argument("--probe-calls", type=int, default=3,
+                    help="timed calls per registered probe after the loops (0: do not time probes)")
     a = ap.parse_args(argv)
 
     t_all = time.perf_counter()
@@ -459,13 +542,22 @@ def main(argv=None) -> int:
           f"up to {repeats} interleaved round(s) of {loops}", flush=True)
 
     ref = ReferenceLoop(data, width, device) if "reference" in loops else None
+    ref_warm, warm_images = None, None
+    if "reference_warm" in loops:
+        # its own, longer epoch (>= WARM_IMAGES images) over the same kind of synthetic images
+        warm_cap = math.ceil(max(n_train, math.ceil(WARM_IMAGES / BATCH) * BATCH) / 10) * 10
+        cfg_w = bnlib.validate(params, n_train=warm_cap,
+                               synthetic_size=math.ceil(warm_cap / (1 - val_fraction) / 10) * 10 + 10)
+        data_w = data if warm_cap <= n_cap else load_data(cfg_w, device)
+        ref_warm = ReferenceLoop(data_w, width, device, persistent=True)
+        warm_images = len(data_w.y_train) // BATCH * BATCH
     ceil_ = CeilingLoop(data, cfg, device) if "ceiling" in loops else None
     # process-level warm-up (oneDNN/cuDNN kernel selection), untimed
-    for lp in (ref, ceil_):
+    for lp in (ref, ref_warm, ceil_):
         if lp is not None:
             lp.warmup(warm_steps)
 
-    precision = {"reference": "fp32", "bnlib": cfg["precision"], "bnlib_fp32": "fp32",
+    precision = {"reference": "fp32", "reference_warm": "fp32", "bnlib": cfg["precision"], "bnlib_fp32": "fp32",
                  "ceiling": cfg["precision"], "bnlib_lean": cfg["precision"]}
     budget = a.budget_s if a.budget_s is not None else (75.0 if a.quick else 330.0)
     per = {k: [] for k in loops}
@@ -496,10 +588,11 @@ def main(argv=None) -> int:
                 if gpu:
                     torch.cuda.empty_cache()
                 t_cfg = time.perf_counter()
-                with MemoryMeter(device, children=name == "reference") as mm, ForeignLoad() as fl:
-                    if name == "reference":
-                        ref.warmup(warm_steps)
-                        res = ref.epoch()
+                with MemoryMeter(device, children=name.startswith("reference")) as mm, ForeignLoad() as fl:
+                    if name.startswith("reference"):
+                        lp = ref if name == "reference" else ref_warm
+                        lp.warmup(warm_steps)
+                        res = lp.epoch()
                     elif name == "ceiling":
                         ceil_.warmup(warm_steps)
                         res = ceil_.epoch()
@@ -511,7 +604,7 @@ def main(argv=None) -> int:
                 res["foreign_cpu_frac"] = fl.frac
                 row[name] = res
                 busy = "" if fl.frac is None else f", other processes used {100 * fl.frac:.0f}% of the CPUs"
-                print(f"  round {r + 1}/{repeats}  {name:<11} {res['img_per_s']:8.1f} img/s  "
+                print(f"  round {r + 1}/{repeats}  {name:<14} {res['img_per_s']:8.1f} img/s  "
                       f"({res['seconds']:.2f} s{busy})", flush=True)
             if len(row) < len(loops):
                 partial = row
@@ -542,7 +635,7 @@ def main(argv=None) -> int:
         use = [rs[r] for r in used]
         entry = {"name": name, "img_per_s": summarize([x["img_per_s"] for x in use]),
                  "img_per_s_all_rounds": summarize([x["img_per_s"] for x in rs]),
-                 "precision": precision[name], "channels_last": name != "reference" and cfg["channels_last"],
+                 "precision": precision[name], "channels_last": not name.startswith("reference") and cfg["channels_last"],
                  "peak_memory_mb": max(x[mem_key] for x in rs),
                  "peak_memory_delta_mb": max(x[delta_key] for x in rs)}
         if any("peak_rss_children_mb" in x for x in rs):
@@ -551,7 +644,8 @@ def main(argv=None) -> int:
         results.append(entry)
     med = {e["name"]: e["img_per_s"]["median"] for e in results}
 
-    pairs = [("bnlib", "reference"), ("bnlib", "ceiling"), ("bnlib_fp32", "reference"),
+    pairs = [("bnlib", "reference"), ("bnlib", "reference_warm"), ("reference_warm", "reference"),
+             ("bnlib", "ceiling"), ("bnlib_fp32", "reference"), ("bnlib_fp32", "reference_warm"),
              ("bnlib", "bnlib_fp32"), ("ceiling", "reference"), ("bnlib_lean", "bnlib"),
              ("bnlib_lean", "ceiling")]
     pairs = [(x, y) for x, y in pairs if x in med and y in med]
@@ -582,7 +676,11 @@ def main(argv=None) -> int:
                                      "CIFAR10), RandomCrop(32,4)+RandomHorizontalFlip+ToTensor+Normalize, "
                                      "DataLoader(num_workers=2, shuffle, drop_last, persistent_workers=False), "
                                      "fp32 NCHW, SGD(lr 0.1, momentum 0.9, wd 5e-4), loss.item() per step; "
-                                     "the epoch timer includes the workers' start-up."),
+                                     "the epoch timer includes the workers' start-up (cold: flatters bnlib's "
+                                     "ratio on short epochs)."),
+                  "reference_warm_loop": (f"the same loop with persistent_workers=True, the workers started "
+                                          f"before timing, on an epoch of {warm_images} images (>= {WARM_IMAGES}): "
+                                          "the popular loop in steady state" if warm_images else None),
                   "progress_bar": "off in every bnlib run (progress=False)",
                   "cudnn_benchmark": torch.backends.cudnn.benchmark,
                   "timers": ("reference/ceiling: perf_counter around the epoch, torch.cuda.synchronize before "
@@ -615,19 +713,22 @@ def main(argv=None) -> int:
                                       "log_every=10, records written): 1.0 = diagnostics are free, 1.05 = they "
                                       "cost 5%. Records are written after the epoch timer stops, so their cost "
                                       "shows in run_wall_s, not in img/s."),
-        "total_wall_s": time.perf_counter() - t_all,
     }
+    if a.probe_calls > 0:
+        print("timing probes ...", flush=True)
+        out["probes"] = probe_costs(params, data, device, a.probe_calls)
+    out["total_wall_s"] = time.perf_counter() - t_all
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "bench.json").write_text(json.dumps(out, indent=1))
 
     print(f"\nsummary over {summary_over}")
-    print(f"{'loop':<11} {'precision':<9} {'median img/s':>12} {'min':>8} {'max':>8} {'peak MB':>8} {'Δ MB':>6}"
+    print(f"{'loop':<14} {'precision':<9} {'median img/s':>12} {'min':>8} {'max':>8} {'peak MB':>8} {'Δ MB':>6}"
           f"  every round")
     for e in results:
         s_ = e["img_per_s"]
         reps = " ".join(f"{x['img_per_s']:.0f}" for x in e["repeats"])
-        print(f"{e['name']:<11} {e['precision']:<9} {s_['median']:12.1f} {s_['min']:8.1f} {s_['max']:8.1f} "
+        print(f"{e['name']:<14} {e['precision']:<9} {s_['median']:12.1f} {s_['min']:8.1f} {s_['max']:8.1f} "
               f"{e['peak_memory_mb']:8.0f} {e['peak_memory_delta_mb']:6.0f}  {reps}")
     print()
     for k, v in ratios.items():
@@ -635,6 +736,12 @@ def main(argv=None) -> int:
         print(f"{k:<22} {v:6.3f}   (per round: median {p_['median']:.3f}, {p_['min']:.3f}-{p_['max']:.3f})")
     if diag is not None:
         print(f"{'diagnostics_overhead':<22} {diag:6.3f}   (img/s bnlib_lean / bnlib; 1.0 = free)")
+    if "probes" in out:
+        pc = out["probes"]
+        print(f"\nprobe cost on this model (batch {BATCH}, probe batch {pc['probe_batch_size']}; model copy "
+              f"{pc['model_copy_ms']['median']:.1f} ms):")
+        for name, v in pc["ms_per_call"].items():
+            print(f"  {name:<18} {v['median']:9.1f} ms/call  (min {v['min']:.1f}, max {v['max']:.1f})")
     if max(round_foreign, default=0.0) > a.max_foreign:
         print(f"\nWARNING: other processes used up to {100 * max(round_foreign):.0f}% of the CPUs during some "
               f"rounds (per round: {', '.join(f'{100 * f:.0f}%' for f in round_foreign)}). With 2 intra-op "

@@ -12,8 +12,12 @@ from hypothesis import strategies as st
 import bnlib
 from bnlib.config import (DATASET_NAMES, OPTIMIZERS, PRECISIONS, SCHEDULES, ConfigError, RunConfig,
                           validate)
+from bnlib.device import precisions_for, resolve_device
 from bnlib.norms import NORMS, norm_names
 
+# precisions valid with device='auto' here / on every device ('tf32' is CUDA only)
+AUTO_PRECISIONS = precisions_for(resolve_device("auto").type)
+ANY_DEVICE_PRECISIONS = precisions_for("cpu")
 FIELD_NAMES = [f.name for f in fields(RunConfig)]
 BATCH_NORMS = [n for n, s in NORMS.items() if s.batch_stats]
 STATLESS_NORMS = [n for n, s in NORMS.items() if not s.batch_stats]
@@ -221,7 +225,7 @@ PARAMS = {
     "batch_size": _param(st.integers(2, 64), st.sampled_from([0, -8, 1.5, "8", False, None])),
     "val_fraction": _param(st.floats(0.01, 0.9), st.sampled_from([0, 1, 0.0, 1.0, -0.1, 2, "0.1", math.nan])),
     "dataset": _param(st.just("synthetic"), st.sampled_from(["mnist", "SYNTHETIC", "", None, 0])),
-    "precision": _param(st.sampled_from(PRECISIONS), st.sampled_from(["fp16", "BF16", None, 16])),
+    "precision": _param(st.sampled_from(AUTO_PRECISIONS), st.sampled_from(["fp16", "BF16", None, 16])),
     "optimizer": _param(st.sampled_from(OPTIMIZERS), st.sampled_from(["adam", "SGD", "", None])),
     "synthetic_size": _param(st.sampled_from([10, 100, 20000]), st.sampled_from([9, 0, -5, "100", 100.0])),
 }
@@ -265,7 +269,8 @@ def test_validate_property(case):
     for k, v in params.items():
         if k != "precision":
             assert cfg[k] == v and type(cfg[k]) is type(RunConfig.__dataclass_fields__[k].default), k
-    assert cfg["precision"] in ("bf16", "fp32")
+    assert cfg["precision"] in ("bf16", "fp32") if params.get("precision", "auto") == "auto" else \
+        cfg["precision"] == params["precision"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ RUN_PARAMS = {
     "batch_size": _param(st.sampled_from([1, 2, 3, 16, 32]), st.sampled_from([0, "8"])),
     "eval_batch_size": _param(st.integers(1, 64), st.just(0)),
     "log_every": _param(st.integers(1, 5), st.just(0)),
-    "precision": _param(st.sampled_from(PRECISIONS), st.just("fp16")),
+    "precision": _param(st.sampled_from(ANY_DEVICE_PRECISIONS), st.just("fp16")),
     "device": _param(st.sampled_from(["auto", "cpu"]), st.sampled_from(["tpu", "cuda:7"])),
     "channels_last": _param(st.booleans(), st.just(None)),
 }

@@ -326,3 +326,69 @@ def test_cifar10_missing_folder_raises(tmp_path):
     assert "cifar-10-batches-py" in msg
     assert str(tmp_path) in msg
     assert "cifar10" in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: data_dir, the Debian package's folder, or a clear error naming the three ways
+# ----------------------------------------------------------------------------------------------
+
+from bnlib.data import FASHION_SYSTEM_DIR, _fashion_arrays  # noqa: E402
+
+FASHION_GZ = [g for g, _ in torchvision.datasets.FashionMNIST.resources]
+have_debian_fashion = pytest.mark.skipif(
+    not all((__import__("pathlib").Path(FASHION_SYSTEM_DIR) / g).exists() for g in FASHION_GZ),
+    reason=f"Debian package dataset-fashion-mnist not installed ({FASHION_SYSTEM_DIR}; .ci/run installs it)")
+
+
+def _check_fashion(arrays):
+    xtr, ytr, xte, yte, k = arrays
+    assert xtr.shape == (60000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28) and xtr.dtype == np.uint8
+    assert k == 10 and ytr.dtype == np.int64
+    # Fashion-MNIST is exactly balanced: 6 000 training and 1 000 test images per class
+    assert np.bincount(ytr).tolist() == [6000] * 10 and np.bincount(yte).tolist() == [1000] * 10
+    assert 60 < xtr.mean() < 90  # mean pixel ~72.9 on the real images: not zeros, not noise
+
+
+@have_debian_fashion
+def test_fashion_mnist_from_the_debian_folder(tmp_path):
+    _fashion_arrays.cache_clear()
+    arrays = _fashion_arrays(str(tmp_path / "data"), False)
+    _check_fashion(arrays)
+    # extracted where torchvision's FashionMNIST reads them, nothing half-written left beside
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(g[:-3] for g in FASHION_GZ)
+
+
+@have_debian_fashion
+def test_fashion_mnist_from_a_data_dir_copy(tmp_path):
+    import shutil
+
+    for g in FASHION_GZ:  # the .gz files copied into data_dir itself; no system folder to fall back on
+        shutil.copy(f"{FASHION_SYSTEM_DIR}/{g}", tmp_path / g)
+    _fashion_arrays.cache_clear()
+    arrays = _fashion_arrays(str(tmp_path), False, system_dir=str(tmp_path / "nowhere"))
+    _check_fashion(arrays)
+
+
+@have_debian_fashion
+def test_fashion_mnist_runs_as_one_channel(tmp_path):
+    cfg = bnlib.validate(dataset="fashion_mnist", data_dir=str(tmp_path), n_train=200, n_test=100, val_fraction=0.01)
+    data = load_data(cfg, CPU)
+    assert data.x_train.shape[1:] == (1, 28, 28) and data.channels == 1 and len(data.mean) == 1
+    assert data.sizes() == {"n_train": 200, "n_val": 600, "n_test": 100}
+    from bnlib.train import build_model
+
+    model = build_model(cfg, data.mean, data.std, data.num_classes)
+    assert model.stem[0].in_channels == 1
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_fashion_mnist_missing_names_the_three_ways(tmp_path):
+    _fashion_arrays.cache_clear()
+    with pytest.raises(bnlib.ConfigError) as e:
+        _fashion_arrays(str(tmp_path / "empty"), False, system_dir=str(tmp_path / "no-package"))
+    msg = str(e.value)
+    for part in ("dataset='fashion_mnist'", str(tmp_path / "empty"), "apt-get install dataset-fashion-mnist",
+                 "download=True", "dataset='synthetic'", "make study DATASET=synthetic"):
+        assert part in msg
+    assert not (tmp_path / "empty").exists()  # a failed check creates no folder

@@ -186,3 +186,37 @@ def test_report_lists_an_unreadable_notebook_instead_of_failing(outputs, tmp_pat
     text = index.read_text()
     assert "could not be rendered" in text and str(nb) in text
     assert (tmp_path / "report" / "runs" / "good.html").exists() and "runs/good.html" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# the real studies' presets: data set override, and a missing data set stops everything early
+# ----------------------------------------------------------------------------------------------
+
+def test_dataset_override_replaces_the_preset_data_set_only():
+    from bnlib.studies import get_study
+
+    p1 = get_study("p1")
+    quick, synth = p1.points("quick"), p1.points("quick", dataset="synthetic")
+    assert {p["dataset"] for p in quick} == {"fashion_mnist"} and {p["dataset"] for p in synth} == {"synthetic"}
+    assert [{k: v for k, v in a.items() if k != "dataset"} for a in quick] == \
+        [{k: v for k, v in b.items() if k != "dataset"} for b in synth]
+    # every arm has its own learning-rate ladder of at least 3 values, scaled with the batch size
+    for norm in {p["norm"] for p in quick}:
+        for bs in {p["batch_size"] for p in quick}:
+            lrs = sorted({p["lr"] for p in quick if p["norm"] == norm and p["batch_size"] == bs})
+            assert len(lrs) >= 3 and all(b / a == pytest.approx(4) for a, b in zip(lrs, lrs[1:]))
+
+
+def test_missing_fashion_mnist_stops_make_study_before_any_run(tmp_path, monkeypatch, capsys):
+    from bnlib import cli, data
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # data_dir '~/data' is empty here
+    monkeypatch.setattr(data, "FASHION_SYSTEM_DIR", str(tmp_path / "no-package"))
+    data._fashion_arrays.cache_clear()
+    out = tmp_path / "outputs"
+    assert cli.main(["study", "all", "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "dataset='fashion_mnist'" in err and "make study DATASET=synthetic" in err
+    assert "apt-get install dataset-fashion-mnist" in err
+    assert not out.exists() and not (tmp_path / "home" / "data").exists()  # nothing written
+    data._fashion_arrays.cache_clear()
