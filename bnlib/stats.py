@@ -118,8 +118,11 @@ def _t_effect(name: str, diffs: np.ndarray, alternative: str, a_mean=math.nan, b
     if n < 2:
         return Effect(name, mean, math.nan, math.nan, math.nan, n, alternative, a_mean, b_mean)
     se = float(np.std(diffs, ddof=1) / math.sqrt(n))
-    if se == 0:  # identical differences: the interval is the point, the test is degenerate
-        p = 0.0 if (mean > 0 if alternative == "greater" else mean < 0 if alternative == "less" else mean != 0) else 1.0
+    if se == 0:  # identical differences (a discrete grid): the t-test is undefined. The interval is
+        # the point, and the p-value that of a sign test (all n differences on one side: 0.5^n
+        # one-sided), so 3 agreeing seeds give p = 0.125, not a false certainty of p = 0.
+        side = mean > 0 if alternative == "greater" else mean < 0 if alternative == "less" else mean != 0
+        p = min(1.0, (0.5 ** n) * (2 if alternative == "two-sided" else 1)) if side else 1.0
         return Effect(name, mean, mean, mean, p, n, alternative, a_mean, b_mean)
     h = float(sps.t.ppf(0.5 + level / 2, n - 1)) * se
     p = float(sps.ttest_1samp(diffs, 0.0, alternative=alternative).pvalue)
@@ -206,6 +209,9 @@ def decide(study: str, claim: str, effect: Effect, threshold: float = 0.0, direc
         outcome = "supported"
     elif hi < 0:
         outcome = "contradicted"
+    elif lo > 0:
+        outcome = "inconclusive"
+        reasons.append(f"not significant (p={effect.p:.2g} > {ALPHA})")
     else:
         outcome = "inconclusive"
         reasons.append(f"the 95% interval crosses the threshold {threshold:+g}")

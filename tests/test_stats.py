@@ -136,3 +136,14 @@ def test_verdicts_round_trip_through_json(tmp_path):
 def test_bad_outcome_is_rejected():
     with pytest.raises(ValueError, match="valid choices"):
         stats.Verdict("p1", "x", "probably", "x")
+
+
+def test_identical_differences_use_a_sign_test_not_p_zero():
+    # every seed's difference is exactly 2 (a discrete grid): 3 agreeing seeds are p = 0.125
+    r = pd.DataFrame({"arm": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "m": [3, 3, 3, 1, 1, 1]})
+    e = stats.paired_effect(r, "arm", "a", "b", "m", ["seed"], alternative="greater")
+    assert (e.mean, e.lo, e.hi, e.p) == (2, 2, 2, 0.125)
+    v = stats.decide("t", "a beats b", e)
+    assert v.outcome == "inconclusive" and "not significant" in v.sentence
+    r5 = pd.DataFrame({"arm": ["a"] * 5 + ["b"] * 5, "seed": list(range(5)) * 2, "m": [3] * 5 + [1] * 5})
+    assert stats.decide("t", "a beats b", stats.paired_effect(r5, "arm", "a", "b", "m", ["seed"])).outcome == "supported"
