@@ -65,6 +65,9 @@ class RunConfig:
                             choices=EVAL_STATS)
     precise_batches: int = _p(16, "bn_eval_stats='precise': training batches the statistics are computed on",
                               lo=1)
+    shortcut: str = _p("B", "where a block changes shape: 'B' 1x1 projection + norm; 'A' identity with stride "
+                       "and zero-padded channels, no parameters (He et al. 2016; basic-block nets only)",
+                       choices=SHORTCUTS)
     # --- data --------------------------------------------------------------------------------
     dataset: str = _p("synthetic", "embedded synthetic set (no files), or Fashion-MNIST / CIFAR through torchvision",
                       choices=DATASET_NAMES)
@@ -88,6 +91,8 @@ class RunConfig:
     gamma_lr_mult: float = _p(1.0, "lr multiplier for norm scales γ (P2: 1/c); α has alpha_lr_mult",
                               lo=0, lo_open=True)
     gamma_wd: float = _p(0.0, "weight decay on norm scales γ", lo=0)
+    alpha_lr_mult: float = _p(1.0, "lr multiplier for SkipInit residual gains α", lo=0, lo_open=True)
+    alpha_wd: float = _p(0.0, "weight decay on residual gains α", lo=0)
     bias_lr_mult: float = _p(1.0, "lr multiplier for biases (norm β, classifier bias)", lo=0, lo_open=True)
     bias_wd: float = _p(0.0, "weight decay on biases", lo=0)
     schedule: str = _p("cosine", "lr schedule, per step", choices=SCHEDULES)
@@ -99,12 +104,6 @@ class RunConfig:
     batch_size: int = _p(128, "training batch size", lo=1)
     epochs: int = _p(2, "training epochs", lo=1)
     # --- probes ------------------------------------------------------------------------------
-    # (also two model/optimizer parameters added with them: shortcut, and α's own group)
-    shortcut: str = _p("B", "where a block changes shape: 'B' 1x1 projection + norm; 'A' identity with stride "
-                       "and zero-padded channels, no parameters (He et al. 2016; basic-block nets only)",
-                       choices=SHORTCUTS)
-    alpha_lr_mult: float = _p(1.0, "lr multiplier for SkipInit residual gains α", lo=0, lo_open=True)
-    alpha_wd: float = _p(0.0, "weight decay on residual gains α", lo=0)
     probes: list = _p([], "measurements inside training (bnlib.probes registry): 'name', or 'name@k' to run "
                       "that probe every k steps; each runs at init and at every epoch end", items="str")
     probe_every: int = _p(None, "also run every requested probe every k steps (None: each probe's own default)",
