@@ -347,10 +347,8 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
     if bnstats.has_running_stats(model) and epochs:  # the other kind of evaluation statistics, once, at the end
         own = cfg["bn_eval_stats"]
         other = next(k for k in bnstats.EVAL_STATS if k != own)
-        status["metrics"].update({f"final_val_acc_{own}": epochs[-1]["val_acc"],
-                                  f"final_test_acc_{own}": epochs[-1]["test_acc"]})
+        status["metrics"][f"final_test_acc_{own}"] = epochs[-1]["test_acc"]
         with bnstats.precise_bn(model, stat_batches, fwd_autocast) if other == "precise" else contextlib.nullcontext():
-            status["metrics"][f"final_val_acc_{other}"] = evaluate(fwd, data.x_val, data.y_val, cfg, autocast)[1]
             status["metrics"][f"final_test_acc_{other}"] = evaluate(fwd, data.x_test, data.y_test, cfg, autocast)[1]
     if rd is not None:
         rd.write_table("channels", tracker.channels())

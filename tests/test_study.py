@@ -122,6 +122,21 @@ def test_summary_executes_and_names_missing_studies(outputs):
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 3
 
 
+def test_verdicts_are_on_the_index_and_open_the_summary(outputs):
+    """The study notebook writes its verdicts; the index lists them next to the study's link and
+    the summary notebook shows them before any plot."""
+    from bnlib import stats
+
+    vs = stats.read_verdicts(outputs["out"])
+    assert vs and {v.study for v in vs} == {"tiny"} and all(v.outcome in stats.OUTCOMES for v in vs)
+    text = outputs["index"].read_text()
+    assert 'class="verdicts"' in text and vs[0].outcome in text
+    nb = json.loads((outputs["out"] / "summary.ipynb").read_text())
+    first_plot = next(i for i, c in enumerate(nb["cells"]) for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
+    shown = "".join("".join(o.get("text", "")) for c in nb["cells"][:first_plot] for o in c.get("outputs", []))
+    assert vs[0].sentence in shown
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
