@@ -63,12 +63,20 @@ def test_sigkilled_run_resumes_to_the_same_metrics(tmp_path):
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+def _ctrl_c_deliverable():
+    """In the child, before exec: SIGINT at its default disposition and not blocked, whatever the
+    test process had (in the full suite the CLI child once ran to the end ignoring SIGINT; a
+    disposition or mask inherited from the test process is the only way it can)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_marks_the_run_interrupted_and_the_same_command_resumes_it(tmp_path):
     # 8 epochs: the first checkpoint (epoch 1) leaves 7 epochs in which the interrupt lands, even
     # on an idle machine where a tiny epoch takes a few hundred ms
     cmd = _cli(tmp_path, epochs=8)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_ctrl_c_deliverable)
     _wait_for(lambda: any(tmp_path.glob("*/checkpoint.pt")), proc)
     proc.send_signal(signal.SIGINT)
     out, stderr = proc.communicate(timeout=120)
