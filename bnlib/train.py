@@ -229,14 +229,17 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])  # order + augmentation
     # Fixed training batches (stored order, no augmentation, no RNG): affine_bn_init's
     # initialization batch and the batches of precise evaluation statistics.
+    # Built only for nets with batch statistics or data-initialized layers (start-up cost).
+    needs_stats = bnstats.has_running_stats(model) or any(getattr(m, "data_init", False) for m in model.modules())
     stat_batches = [to_input(xb, cfg["channels_last"])
-                    for xb in fixed_batches(data.x_train, cfg["batch_size"], cfg["precise_batches"])]
+                    for xb in fixed_batches(data.x_train, cfg["batch_size"], cfg["precise_batches"])] if needs_stats else []
 
     def fwd_autocast(xb):
         with autocast():
             return fwd(xb)
 
-    bnstats.init_from_batch(model, stat_batches[0], fwd_autocast)  # no-op unless norm=affine_bn_init
+    if stat_batches:
+        bnstats.init_from_batch(model, stat_batches[0], fwd_autocast)  # no-op unless norm=affine_bn_init
 
     def eval_stats():  # BN's running statistics, or exact ones recomputed with the current weights
         if cfg["bn_eval_stats"] == "precise":
@@ -246,7 +249,10 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
     tracker = NormTracker(model)
     epochs, steps, norms = [], [], tracker.snapshot(0)
     n_probe = min(cfg["probe_batch_size"], len(data.y_train))  # P3-P5 measurements: bnlib.probes
-    probes = ProbeRunner(cfg, model, opt, lambda o, t: F.cross_entropy(o.float(), t, label_smoothing=cfg["label_smoothing"]),
+    def loss_fn(logits, target):  # the training loss; probes measure the same one
+        return F.cross_entropy(logits.float(), target, label_smoothing=cfg["label_smoothing"])
+
+    probes = ProbeRunner(cfg, model, opt, loss_fn,
                          (to_input(data.x_train[:n_probe], cfg["channels_last"]), data.y_train[:n_probe]), spe, [gen])
     status = {"status": "running", "diverged_step": None}
     init_loss, step, t_start, first_epoch = None, 0, time.perf_counter(), 1
@@ -298,7 +304,7 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
             probes.at(step, x, y)  # the probes due before this update (init, every k, probe_steps)
             with autocast():
                 out = fwd(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+            loss = loss_fn(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             log_now = step % cfg["log_every"] == 0 or i == spe - 1
