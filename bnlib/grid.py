@@ -11,6 +11,7 @@ papermill kernel per task.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -42,11 +43,10 @@ def _kernel_manager_class():
     import zmq
     from jupyter_client.manager import AsyncKernelManager
 
-    base = AsyncKernelManager
-    if "transport_encryption" not in base.class_trait_names() or not zmq.has("curve"):
-        return base
+    if "transport_encryption" not in AsyncKernelManager.class_trait_names() or not zmq.has("curve"):
+        return AsyncKernelManager
 
-    class CurveKernelManager(base):
+    class CurveKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
             super().__init__(**{"transport_encryption": "auto", **kw})
 
@@ -87,8 +87,6 @@ _KERNEL: dict = {}  # {"km": KernelManager, "uses": int, "env": (OMP_NUM_THREADS
 def _point_kernel():
     """This process's kernel for grid points, started on first use and restarted when it died,
     was used KERNEL_REUSE times, or the thread/GPU environment it must inherit changed."""
-    import atexit
-
     from jupyter_core.utils import run_sync
 
     env = (os.environ.get("OMP_NUM_THREADS"), os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -98,15 +96,9 @@ def _point_kernel():
     if not k:
         km = _kernel_manager_class()(kernel_name="python3")
         run_sync(km.start_kernel)(cwd=str(ROOT))
-        if not _KERNEL_ATEXIT:
-            atexit.register(shutdown_point_kernel)
-            _KERNEL_ATEXIT.append(True)
         k.update(km=km, uses=0, env=env)
     k["uses"] += 1
     return k["km"]
-
-
-_KERNEL_ATEXIT: list = []
 
 
 def shutdown_point_kernel() -> None:
@@ -120,6 +112,9 @@ def shutdown_point_kernel() -> None:
             run_sync(km.shutdown_kernel)()  # a polite shutdown request first (now=True interrupts, which the kernel logs)
         except Exception:  # noqa: BLE001 — already dead: nothing to stop
             pass
+
+
+atexit.register(shutdown_point_kernel)  # a no-op when this process started no kernel
 
 
 def execute_shared_notebook(src: Path, dst: Path, parameters: dict) -> None:
