@@ -16,6 +16,12 @@ random number generator (so every arm and seed of a study sees the same images):
   running statistics are replaced by the exact mean and (unbiased) variance of its input over
   the given batches, computed with the final weights (as pycls's precise BN does); on exit the
   training state (running statistics, momentum, counters) is restored exactly.
+
+Layers with running statistics are BatchNorm2d and its subclasses: BN, bn_minus and the BN
+variants of bnlib.bn_variants (noisy_bn, ics_free, batch_renorm, ghost_bn), whose eval mode is
+BN's. Their train-mode forwards here behave as in training (noisy_bn draws its noise, from
+forked generators, so the training stream is untouched; ghost_bn normalizes per virtual batch)
+and every buffer they hold (ics_free's previous-batch statistics too) is restored on exit.
 """
 from __future__ import annotations
 
@@ -63,7 +69,8 @@ def init_from_batch(model: nn.Module, x: torch.Tensor, forward: Callable | None 
     was_training = model.training
     try:
         model.train()
-        (forward or model)(x)
+        with _rng_untouched(model):
+            (forward or model)(x)
     finally:
         for h in handles:
             h.remove()
@@ -82,17 +89,28 @@ def has_running_stats(model: nn.Module) -> bool:
 
 
 def _save_running(model: nn.Module) -> list[tuple]:
-    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+    # every buffer of the layer, not only running mean/var and the counter: BN variants keep
+    # more training state (ics_free's previous-batch statistics, bnlib.bn_variants)
+    return [(m, {n: b.clone() for n, b in m.named_buffers(recurse=False)}, m.momentum)
             for m in _stat_layers(model)]
 
 
 def _restore_running(saved: list[tuple]) -> None:
     with torch.no_grad():
-        for m, mean, var, count, momentum in saved:
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+        for m, buffers, momentum in saved:
+            for n, b in buffers.items():
+                getattr(m, n).copy_(b)
             m.momentum = momentum
+
+
+@contextlib.contextmanager
+def _rng_untouched(model: nn.Module):
+    """Forward passes in train mode may draw random numbers (noisy_bn's noise): fork torch's
+    generators (CPU and the model's CUDA device) so the training stream is not advanced."""
+    devices = sorted({torch.cuda.current_device() if p.device.index is None else p.device.index
+                      for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 @contextlib.contextmanager
@@ -118,7 +136,7 @@ def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor], forward: Calla
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     was_training = model.training
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _rng_untouched(model):
             model.train()
             for xb in batches:
                 (forward or model)(xb)

@@ -21,7 +21,7 @@ import torch
 
 from .records import atomic_path
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_states", "set_rng_states"]
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_problem", "rng_states", "set_rng_states"]
 
 
 def rng_states(gen: torch.Generator, device: torch.device) -> dict:
@@ -48,6 +48,29 @@ def save_checkpoint(path: Path, state: dict, gen: torch.Generator, device: torch
     leaves the previous checkpoint intact."""
     with atomic_path(path) as tmp:
         torch.save({**state, **rng_states(gen, device)}, tmp)
+
+
+# What train() reads from a checkpoint to resume (rng_states' keys are checked by set_rng_states).
+RESUME_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "tracker_init", "epochs", "steps", "norms",
+               "generator", "torch_rng")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when the checkpoint at `path` loads and holds what a resume reads; else what is
+    wrong with it (truncated by a full disk, overwritten, not a bnlib checkpoint). A damaged
+    checkpoint would make every resume fail: run() checks it first and starts afresh instead."""
+    try:
+        state = load_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 — torch.load raises several kinds on a damaged file
+        return f"unreadable: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    if not isinstance(state, dict):
+        return f"holds {type(state).__name__}, not a checkpoint"
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        return f"incomplete: no {', '.join(missing)}"
+    if not isinstance(state["epoch"], int) or state["epoch"] < 1:
+        return f"epoch {state['epoch']!r} is not a finished epoch"
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:

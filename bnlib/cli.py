@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from dataclasses import fields
 
@@ -13,9 +15,41 @@ import yaml
 from .config import ConfigError, RunConfig
 
 
+# YAML 1.1 (PyYAML) reads `1e-3` as a string (its floats need a dot: `1.0e-3`); papermill's -p
+# and Python read it as a number, so the CLI does too.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _numbers(v):
+    """Strings in scientific notation (YAML left them strings) as floats, in lists too."""
+    if isinstance(v, str) and _SCIENTIFIC.fullmatch(v.strip()):
+        return float(v)
+    if isinstance(v, list):
+        return [_numbers(x) for x in v]
+    return v
+
+
+_NEGATIVE = re.compile(r"-(\d|\.\d|\.?inf|infinity|nan)", re.IGNORECASE)
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """`--gamma0 -1e-3` as `--gamma0=-1e-3`: argparse takes a value that starts with '-' for a
+    flag unless it looks like a plain negative number (its test misses -1e-3, -.inf, -Infinity)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "=" not in a and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def _yaml_value(s: str):
     try:
-        return yaml.safe_load(s)
+        return _numbers(yaml.safe_load(s))
     except yaml.YAMLError:
         return s
 
@@ -28,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="one training run (same parameters as notebooks/run.ipynb)", allow_abbrev=False)
     defaults = RunConfig()
     for f in fields(RunConfig):
-        r.add_argument(f"--{f.name}", type=_yaml_value, default=argparse.SUPPRESS,
+        # a path is taken as typed: `--out_dir 2026` is the folder "2026", not a number
+        r.add_argument(f"--{f.name}", type=str if f.metadata.get("path") else _yaml_value, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
     r.add_argument("--rerun", action="store_true", help="train again even if the run exists")
     from .studies import study_names
@@ -42,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "no files)")
     s.add_argument("--workers", type=int, default=1, help="parallel runs (Dask local cluster when > 1)")
     s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (a cluster)")
+    s.add_argument("--plan", action="store_true",
+                   help="print the grid's runs, epochs, training images, how many are done and an estimated "
+                        "duration from this machine's `make bench`; train nothing (with --cluster slurm: also the "
+                        "job script)")
+    s.add_argument("--cluster", default="local", choices=("local", "slurm"),
+                   help="local: --workers processes here; slurm: --workers SLURM jobs of one GPU each "
+                        "(dask-jobqueue; repository and --out on a shared file system)")
+    s.add_argument("--retries", type=int, default=None,
+                   help="times a run whose worker died is started again from its checkpoint before it counts "
+                        "as failed (default 2; a run that fails by itself is not retried)")
+    for flag, what in (("partition", "SLURM partition (queue)"), ("walltime", "SLURM time limit per job, e.g. 04:00:00"),
+                       ("memory", "memory per SLURM job, e.g. 32GB"), ("account", "SLURM account to charge"),
+                       ("cores", "CPU cores per SLURM job")):
+        s.add_argument(f"--{flag}", default=None, type=int if flag == "cores" else str,
+                       help=f"--cluster slurm: {what} (default: your dask-jobqueue config, jobqueue.slurm)")
     s.add_argument("--out", default="outputs", help="outputs folder (runs/, studies/, report/)")
     rp = sub.add_parser("report", help="render the HTML report of an outputs folder")
     rp.add_argument("--out", default="outputs")
@@ -53,8 +103,10 @@ def _unknown_flags(extra: list[str]) -> dict:
     with the list of valid parameters (argparse's own message lists none)."""
     out, i = {}, 0
     while i < len(extra):
-        if not extra[i].startswith("--"):
-            raise SystemExit(f"error: unexpected argument {extra[i]!r}; parameters are given as --name value")
+        if not extra[i].startswith("--"):  # bad input (exit 2), named with the form that works
+            hint = f" (--{extra[i].lstrip('-')})" if extra[i].startswith("-") and len(extra[i]) > 1 else ""
+            raise ConfigError(f"unexpected argument {extra[i]!r}: parameters are given as --name value{hint}; "
+                              f"see python -m bnlib run --help")
         name, _, value = extra[i][2:].partition("=")
         if not value and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
             value, i = extra[i + 1], i + 1
@@ -63,7 +115,68 @@ def _unknown_flags(extra: list[str]) -> dict:
     return out
 
 
+SLURM_FLAGS = ("partition", "walltime", "memory", "account", "cores")
+
+
+def _cluster_flags_error(args: dict) -> str | None:
+    """A bad combination of the cluster flags, named with what is accepted; None when fine."""
+    if args["retries"] is not None and args["retries"] < 0:
+        return f"--retries={args['retries']}: must be >= 0"
+    if args["cores"] is not None and args["cores"] < 1:
+        return f"--cores={args['cores']}: must be >= 1"
+    if args["scheduler"] is not None and args["cluster"] != "local":
+        return (f"--scheduler {args['scheduler']!r} with --cluster {args['cluster']}: give one of them (--scheduler "
+                f"joins a running Dask cluster, --cluster slurm starts one)")
+    given = [f"--{k}" for k in SLURM_FLAGS if args[k] is not None]
+    if given and args["cluster"] != "slurm":
+        return f"{', '.join(given)}: SLURM options; valid only with --cluster slurm"
+    return None
+
+
 def main(argv=None) -> int:
+    """Every command, with bnlib's own errors and the foreseeable ones printed as one line that
+    names the parameter or path and what to do, never a raw traceback. Exit codes: 2 bad input
+    (a bad parameter, flag, path or study name, an unreachable scheduler), 1 a run or study that
+    failed or could not be done (RunLocked: another process runs it; an unexpected error), 130
+    interrupted, 0 otherwise. BNLIB_TRACEBACK=1 re-raises an unexpected error with its traceback."""
+    argv = _glue_negative_values(sys.argv[1:] if argv is None else [os.fspath(a) for a in argv])
+    try:
+        return _main(argv)
+    except SystemExit as e:  # argparse printed its usage line and message (or --help: 0)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — the catch-all: one line, never a traceback
+        from .train import RunLocked
+
+        if os.environ.get("BNLIB_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split())[:400]
+        if isinstance(e, RunLocked):
+            print(f"error: {msg}; wait for that process to finish (or stop it), or pass another --out_dir",
+                  file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.filename:  # a path the command could not use
+            print(f"error: {e.filename}: {e.strerror or msg}; check the path (--out, --out_dir, --data_dir)",
+                  file=sys.stderr)
+            return 2
+        sched = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--scheduler"), None)
+        if sched and isinstance(e, (OSError, TimeoutError)):
+            print(f"error: --scheduler {sched!r}: could not reach the Dask scheduler ({type(e).__name__}: {msg}); "
+                  f"start it or check the address", file=sys.stderr)
+            return 2
+        print(f"error: {type(e).__name__}: {msg} (BNLIB_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+
+
+def _main(argv) -> int:
     ns, extra = build_parser().parse_known_args(argv)
     args = vars(ns)
     cmd = args.pop("cmd")
@@ -94,13 +207,24 @@ def main(argv=None) -> int:
         if args["workers"] < 1:
             print(f"error: --workers={args['workers']}: must be >= 1", file=sys.stderr)
             return 2
+        if (bad := _cluster_flags_error(args)) is not None:
+            print(f"error: {bad}", file=sys.stderr)
+            return 2
+        cluster = {"kind": args["cluster"], **{k: args[k] for k in SLURM_FLAGS if args[k] is not None}}
+        retries = {} if args["retries"] is None else {"retries": args["retries"]}
         try:
+            if args["plan"]:
+                from .costplan import print_plan
+
+                print_plan(args["name"], args["preset"], args["out"], args["dataset"], cluster)
+                return 0
             if args["name"] == "all":
-                res = run_all(args["preset"], args["out"], args["workers"], args["scheduler"], dataset=args["dataset"])
+                res = run_all(args["preset"], args["out"], args["workers"], args["scheduler"], dataset=args["dataset"],
+                              cluster=cluster, **retries)
                 failed = sum(c["failed"] for c in res.values())
             else:
                 failed = run_study(args["name"], args["preset"], args["out"], args["workers"], args["scheduler"],
-                                   dataset=args["dataset"])["failed"]
+                                   dataset=args["dataset"], cluster=cluster, **retries)["failed"]
         except ValueError as e:  # ConfigError included: bad study, preset or grid point
             print(f"error: {e}", file=sys.stderr)
             return 2

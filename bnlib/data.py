@@ -123,6 +123,15 @@ def _load_synthetic(cfg) -> tuple:
     return xtr, ytr, xte, yte, 10
 
 
+def _remove_if_made_empty(root: str, existed: bool) -> None:
+    """A failed load leaves no empty data folder behind (e.g. ~/data made by a download that
+    could not connect): removed when this attempt created it and it holds no file."""
+    if not existed and os.path.isdir(root) and not any(f for _, _, fs in os.walk(root) for f in fs):
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=2)
 def _cifar_arrays(name: str, root: str, download: bool) -> tuple:
     """CIFAR through torchvision, as numpy (N, C, H, W) uint8 arrays. Cached per process, so the
@@ -130,10 +139,12 @@ def _cifar_arrays(name: str, root: str, download: bool) -> tuple:
     import torchvision
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    existed = os.path.exists(root)
     try:
         tr = cls(root=root, train=True, download=download)
         te = cls(root=root, train=False, download=False)
     except Exception as e:  # offline download failure, or files absent / corrupt
+        _remove_if_made_empty(root, existed)
         folder = os.path.join(root, cls.base_folder)
         raise ConfigError(
             f"dataset={name!r}: could not load it from data_dir={root!r} with download={download} "
@@ -214,10 +225,7 @@ def _fashion_arrays(root: str, download: bool, system_dir: str = FASHION_SYSTEM_
                 set(np.unique(ytr)) == set(np.unique(yte)) == set(range(10)):
             return xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), len(tr.classes)
         why = f" (the files decode to {xtr.shape} + {xte.shape} images, not 60000 + 10000 of 1x28x28: damaged?)"
-    if not existed and not any(f for _, _, fs in os.walk(root) for f in fs):
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)  # a failed attempt leaves no empty data folder behind
+    _remove_if_made_empty(root, existed)
     raise ConfigError(
         f"dataset='fashion_mnist': could not load it from data_dir={root!r} with download={download}{why}. "
         f"Three ways to get it: (1) put the four idx files ({', '.join(g for g, _ in cls.resources)}, .gz or "
@@ -333,8 +341,11 @@ def to_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    # drop_last: a ragged final batch would give BN a different batch size for one step
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    # drop_last (the default): a ragged final batch would give BN a different batch size for one
+    # step; P2's authors keep it (drop_last=False: the last step sees the n mod batch_size rest)
+    if not drop_last:
+        return -(-n // batch_size)
     return max(1, n // batch_size) if n >= batch_size else 0
 
 

@@ -8,22 +8,34 @@ confounds BN studies is an explicit argument, recorded in each run's config:
   2017). Off by default: it makes BN arms and no-γ arms different networks at init.
 - `residual_gain`: P5 SkipInit (De & Smith 2020): one learnable scalar α at the end of each
   residual branch, x_{l+1} = relu(shortcut(x_l) + α·f(x_l)), α initialized to `alpha0` (0).
+- Pre-activation nets (`wrn{6n+4}_{k}`, Wide-ResNets, P5's networks): x_{l+1} = skip + α·f(x_l),
+  nothing after the sum (`bnlib.blocks.PreActBlock`). `dropout` (between a block's two 3x3 convs, WRN),
+  `fc_dropout` (before the classifier) and `conv_bias` (a zero-initialized bias in every conv)
+  are the pieces of P5's "regularized SkipInit"; `checkpoint_blocks` recomputes each block in
+  the backward pass (memory at depth 1000). All off by default: the networks are unchanged.
 - `conv_init`: "kaiming_fan_in" (Kaiming normal, fan-in, ReLU gain, as in P2's code) by default.
 - `input_norm`: how pixels in [0, 1] are normalized before conv1: "dataset" (true dataset
   mean/std), "raw" (none), "bn" (P2's online BN input normalization).
+- `zero_bias`: the classifier bias starts at 0 (P2's code zeroes every bias) instead of
+  PyTorch's uniform(±1/√fan_in); the only other biases, norm β, start at 0 anyway.
 """
 from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
+from .blocks import (BLOCKS, SHORTCUTS, BasicBlock, Bottleneck, PadShortcut, PreActBlock, ResidualGain,  # noqa: F401
+                     checkpoint_contexts, dropout_layer)
 from .norms import NORMS, get_norm, tag_norm
 
-__all__ = ["ResNet", "create_model", "arch_names", "parse_arch", "CONV_INITS", "INPUT_NORMS", "SHORTCUTS",
-           "conv_layers", "middle_conv", "norm_layers", "param_roles"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBlock", "create_model", "arch_names", "parse_arch",
+           "arch_spec", "ArchSpec", "num_blocks", "CONV_INITS", "INPUT_NORMS", "SHORTCUTS", "conv_layers",
+           "middle_conv", "norm_layers", "param_roles"]
 
 # torchvision's stage tables: name -> (block, blocks per stage)
 IMAGENET_FAMILY = {
@@ -37,120 +49,68 @@ IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)  # He et al. 2016, Sec. 4.2: 6n+2 layers, 3 stages of n basic blocks
 
 
-def parse_arch(arch: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """'resnet18' -> ('basic', (2,2,2,2), (64,128,256,512)); 'resnet56' -> CIFAR family.
+class ArchSpec(NamedTuple):
+    """An architecture as data: block kind, blocks per stage, stage widths, stem width."""
+    block: str  # "basic", "bottleneck" (post-activation) or "preact" (pre-activation basic)
+    layers: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_width: int
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    """'resnet18' -> basic (2,2,2,2) (64,128,256,512), stem 64; 'resnet56' -> CIFAR family;
+    'wrn28_10' -> preact (4,4,4) (160,320,640), stem 16.
 
     `resnet{d}` is torchvision's net for d in {18, 34, 50, 101, 152}; any other d = 6n+2 is the
     CIFAR family. `cifar_resnet{d}` always names the CIFAR family (e.g. cifar_resnet50).
+    `wrn{d}_{k}` is Zagoruyko & Komodakis's Wide-ResNet WRN-d-k (2016, Table 1): d = 6n+4 (the
+    stem conv, 6n convs in 3 groups of n pre-activation basic blocks, and the classifier, plus
+    the 2 projection shortcuts; the WRN paper counts them), widths 16k, 32k, 64k, a 16-channel
+    stem that k does not widen. wrn{6n+4}_1 is He et al. 2016b's pre-activation CIFAR
+    ResNet-(6n+2) with projection shortcuts (or with option A: shortcut='A').
+    The `width` multiplier of the factory scales every one of these, the stem included.
     """
+    m = re.fullmatch(r"wrn(\d+)_(\d+)", arch or "")
+    if m is not None:
+        depth, k = int(m.group(1)), int(m.group(2))
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"arch={arch!r}: Wide-ResNet depth {depth} is not of the form 6n+4 with n >= 1 "
+                             f"(10, 16, 22, 28, 40, ..., 1000); valid choices: {arch_names()}")
+        if k < 1:
+            raise ValueError(f"arch={arch!r}: widen factor k={k} must be an integer >= 1 "
+                             f"(wrn{{depth}}_{{k}}, e.g. wrn16_4, wrn28_10); valid choices: {arch_names()}")
+        n = (depth - 4) // 6
+        return ArchSpec("preact", (n, n, n), tuple(w * k for w in CIFAR_WIDTHS), CIFAR_WIDTHS[0])
     m = re.fullmatch(r"(cifar_)?resnet(\d+)", arch or "")
     if m is None:
         raise ValueError(f"arch={arch!r} is not a known architecture; valid choices: {arch_names()}")
     cifar, depth = bool(m.group(1)), int(m.group(2))
     if not cifar and depth in IMAGENET_FAMILY:
         block, layers = IMAGENET_FAMILY[depth]
-        return block, layers, IMAGENET_WIDTHS
+        return ArchSpec(block, layers, IMAGENET_WIDTHS, IMAGENET_WIDTHS[0])
     if depth >= 8 and (depth - 2) % 6 == 0:
         n = (depth - 2) // 6
-        return "basic", (n, n, n), CIFAR_WIDTHS
+        return ArchSpec("basic", (n, n, n), CIFAR_WIDTHS, CIFAR_WIDTHS[0])
     raise ValueError(f"arch={arch!r}: depth {depth} is neither one of torchvision's "
                      f"{sorted(IMAGENET_FAMILY)} nor of the CIFAR form 6n+2 with n >= 1 "
                      f"(20, 32, 44, 56, 110, ...); valid choices: {arch_names()}")
 
 
+def parse_arch(arch: str) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(block, layers, widths) of `arch_spec(arch)`, e.g. 'resnet18' -> ('basic', (2,2,2,2),
+    (64,128,256,512)); unknown names and bad depths raise ValueError naming the valid ones."""
+    return tuple(arch_spec(arch)[:3])
+
+
+def num_blocks(arch: str) -> int:
+    """Residual blocks of `arch` (P5's d, e.g. SkipInit's α0 = 1/√d): 166 × 3 = 498 for wrn1000_1."""
+    return sum(arch_spec(arch).layers)
+
+
 def arch_names() -> list[str]:
     return [f"resnet{d}" for d in IMAGENET_FAMILY] + ["resnet{6n+2} (e.g. resnet20, resnet56, resnet110)",
-                                                     "cifar_resnet{6n+2}"]
-
-
-class ResidualGain(nn.Module):
-    """SkipInit's α (P5): a scalar multiplying the residual branch; learnable unless fixed."""
-
-    def __init__(self, alpha0: float, learnable: bool = True):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(float(alpha0)), requires_grad=learnable)
-        self._bnlib_roles = {"alpha": "alpha"}  # its own optimizer group (alpha_lr_mult, alpha_wd)
-
-    def forward(self, x):
-        return x * self.alpha
-
-
-SHORTCUTS = ("A", "B")
-
-
-class PadShortcut(nn.Module):
-    """He et al. 2016's option A (Sec. 4.2, CIFAR): identity subsampled with the stride, the
-    extra channels zero-padded (half before, half after); no parameters, so the CIFAR ResNets
-    have their published sizes (ResNet-20: 0.27M, ResNet-110: 1.7M)."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        if cout < cin:
-            raise ValueError(f"option-A shortcut cannot shrink channels ({cin} -> {cout}); use shortcut='B'")
-        self.cin, self.cout, self.stride = cin, cout, stride
-
-    def forward(self, x):
-        x = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
-        pad = self.cout - self.cin
-        return nn.functional.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2)) if pad else x
-
-    def extra_repr(self) -> str:
-        return f"{self.cin}->{self.cout}, stride={self.stride}"
-
-
-def _shortcut(cin: int, cout: int, stride: int, norm_layer, kind: str = "B") -> nn.Module:
-    if stride == 1 and cin == cout:
-        return nn.Identity()
-    if kind == "A":
-        return PadShortcut(cin, cout, stride)
-    # projection shortcut (option B of He et al.), normalized like torchvision's downsample
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(cout))
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None, shortcut: str = "B"):
-        super().__init__()
-        cout = planes * self.expansion
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, cout, 3, 1, 1, bias=False)
-        self.bn2 = norm_layer(cout)
-        self.gain = gain if gain is not None else nn.Identity()
-        self.shortcut = _shortcut(cin, cout, stride, norm_layer, shortcut)
-        self.last_norm = self.bn2
-
-    def branch(self, x):
-        return self.gain(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
-
-    def forward(self, x):
-        return torch.relu(self.shortcut(x) + self.branch(x))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None, shortcut: str = "B"):
-        super().__init__()
-        cout = planes * self.expansion
-        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-        self.bn1 = norm_layer(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # stride on 3x3 (v1.5)
-        self.bn2 = norm_layer(planes)
-        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
-        self.bn3 = norm_layer(cout)
-        self.gain = gain if gain is not None else nn.Identity()
-        self.shortcut = _shortcut(cin, cout, stride, norm_layer, shortcut)
-        self.last_norm = self.bn3
-
-    def branch(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.gain(self.bn3(self.conv3(x)))
-
-    def forward(self, x):
-        return torch.relu(self.shortcut(x) + self.branch(x))
+                                                     "cifar_resnet{6n+2}",
+                                                     "wrn{6n+4}_{k} (Wide-ResNet, k >= 1, e.g. wrn16_4, wrn28_10)"]
 
 
 class InputNorm(nn.Module):
@@ -184,14 +144,26 @@ class ResNet(nn.Module):
                  width=1.0, stem="cifar", zero_init_last_gamma=False, residual_gain=False,
                  alpha0=0.0, alpha_learnable=True, conv_init="kaiming_fan_in",
                  input_norm="dataset", input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0),
-                 bn_eps=1e-5, bn_momentum=0.1, in_channels=3, shortcut="B"):
+                 bn_eps=1e-5, bn_momentum=0.1, in_channels=3, shortcut="B", zero_bias=False,
+                 dropout=0.0, fc_dropout=0.0, conv_bias=False, checkpoint_blocks=False, stem_width=None,
+                 norm_options: dict | None = None):
         super().__init__()
-        norm_layer = get_norm(norm, gamma0=gamma0, eps=bn_eps, momentum=bn_momentum)
-        Block = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
-        if shortcut not in SHORTCUTS or (shortcut == "A" and block != "basic"):
+        # norm_options: the norm's own parameters (NormSpec.options, e.g. norm_groups)
+        norm_layer = get_norm(norm, gamma0=gamma0, eps=bn_eps, momentum=bn_momentum, **(norm_options or {}))
+        Block = BLOCKS[block]
+        preact = Block is PreActBlock
+        if shortcut not in SHORTCUTS or (shortcut == "A" and block == "bottleneck"):
             raise ValueError(f"shortcut={shortcut!r} with {block} blocks; valid choices: "
-                             f"{list(SHORTCUTS) if block == 'basic' else ['B']} (option A is for basic-block nets)")
+                             f"{['B'] if block == 'bottleneck' else list(SHORTCUTS)} (option A is for basic-block nets)")
+        for name, p in (("dropout", dropout), ("fc_dropout", fc_dropout)):
+            if not 0 <= p < 1:
+                raise ValueError(f"{name}={p}: a dropout rate must be in [0, 1)")
+        if zero_init_last_gamma and preact:
+            raise ValueError("zero_init_last_gamma=True with pre-activation blocks: their last norm feeds relu "
+                             "and conv2, a zero γ there never recovers; valid choices: [False] (start blocks "
+                             "at the identity with residual_gain=True, alpha0=0 instead)")
         chans = [max(1, round(w * width)) for w in widths]
+        self.checkpoint_blocks = checkpoint_blocks
 
         if input_norm == "bn":
             self.input_norm = _input_bn(gamma0, in_channels)
@@ -202,11 +174,14 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"input_norm={input_norm!r}; valid choices: {list(INPUT_NORMS)}")
 
-        c = chans[0]
+        # the stem's width is scaled like the stages' (WRN: 16 channels for every k; x width)
+        c = chans[0] if stem_width is None else max(1, round(stem_width * width))
+        # pre-activation nets: the stem is a bare conv, the first block's bn1-relu follows it
+        post = [] if preact else [norm_layer(c), nn.ReLU()]
         if stem == "cifar":  # 3x3 stride-1 conv, no max-pool (He et al. 2016, Sec. 4.2)
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), norm_layer(c), nn.ReLU())
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=conv_bias), *post)
         elif stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 7, 2, 3, bias=False), norm_layer(c), nn.ReLU(),
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 7, 2, 3, bias=conv_bias), *post,
                                       nn.MaxPool2d(3, 2, 1))
         else:
             raise ValueError(f"stem={stem!r}; valid choices: ['cifar', 'imagenet']")
@@ -217,16 +192,24 @@ class ResNet(nn.Module):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
                 gain = ResidualGain(alpha0, alpha_learnable) if residual_gain else None
-                blocks.append(Block(cin, planes, stride, norm_layer, gain, shortcut))
+                blocks.append(Block(cin, planes, stride, norm_layer, gain, shortcut, conv_bias, dropout))
                 cin = planes * Block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
+        # pre-activation nets end with norm-relu before pooling (He et al. 2016b; WRN)
+        self.final = nn.Sequential(norm_layer(cin), nn.ReLU()) if preact else nn.Identity()
+        self.fc_dropout = dropout_layer(fc_dropout)  # P5's regularized SkipInit: dropout before the classifier
         self.fc = nn.Linear(cin, num_classes)
+        if zero_bias:  # P2's code zeroes every bias; norm β start at 0, conv biases (conv_bias) below
+            nn.init.zeros_(self.fc.bias)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and conv_init != "torch_default":
                 mode = {"kaiming_fan_in": "fan_in", "kaiming_fan_out": "fan_out"}[conv_init]
                 nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            if isinstance(m, nn.Conv2d) and m.bias is not None and (conv_init != "torch_default" or zero_bias):
+                # conv_bias: biases start at 0, so at init the net computes what it computes without them
+                nn.init.zeros_(m.bias)
         if zero_init_last_gamma:
             if not NORMS[norm].has_gamma:
                 raise ValueError(f"zero_init_last_gamma=True needs a norm with γ; norm={norm!r} has "
@@ -235,16 +218,29 @@ class ResNet(nn.Module):
                 nn.init.zeros_(b.last_norm.weight)
 
     def forward(self, x):  # x: (N, in_channels, H, W) pixels in [0, 1]
-        x = self.stages(self.stem(self.input_norm(x)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        x = self.stem(self.input_norm(x))
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            # keep only each block's input; recompute the block in backward (same RNG state, so
+            # the same dropout masks; running statistics updated once). Hooks on a block and its
+            # layers can fire again during the recomputation (which stops early once the saved
+            # tensors the backward needs are recomputed), so a hook that also sees a backward must expect it.
+            for b in self.blocks():
+                x = torch.utils.checkpoint.checkpoint(
+                    b, x, use_reentrant=False, context_fn=lambda b=b: checkpoint_contexts(b))
+        else:
+            x = self.stages(x)
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.final(x), 1), 1)
+        return self.fc(self.fc_dropout(x))
 
     def blocks(self) -> list[nn.Module]:
-        """Residual blocks in depth order."""
+        """Residual blocks in depth order (BasicBlock, Bottleneck or PreActBlock; each has
+        parts(x) -> (skip, branch), bnlib.blocks)."""
         return [b for stage in self.stages for b in stage]
 
     def norm_layers(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every norm layer with parameters or statistics, in depth order
-        (module registration order: stem, then per block bn1, bn2[, bn3], shortcut norm)."""
+        (module registration order: stem, then per block bn1, bn2[, bn3], shortcut norm, then a
+        pre-activation net's final norm)."""
         return norm_layers(self)
 
     def residual_gains(self) -> list[tuple[str, nn.Parameter]]:
@@ -299,6 +295,7 @@ def middle_conv(model: nn.Module) -> tuple[int, str, nn.Conv2d]:
 
 
 def create_model(arch: str = "resnet18", **kw) -> ResNet:
-    """Build a ResNet by name, e.g. create_model('resnet56', norm='none', residual_gain=True)."""
-    block, layers, widths = parse_arch(arch)
-    return ResNet(block, layers, widths, **kw)
+    """Build a ResNet by name, e.g. create_model('resnet56', norm='none', residual_gain=True),
+    create_model('wrn16_4', width=1.0, dropout=0.3)."""
+    spec = arch_spec(arch)
+    return ResNet(spec.block, spec.layers, spec.widths, stem_width=spec.stem_width, **kw)

@@ -10,11 +10,14 @@ factory injects (as torchvision's resnet.py does). A new variant is one `@regist
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+from .bn_variants import BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, NoisyBatchNorm2d, StaleBatchNorm2d
 
 __all__ = ["Affine2d", "BatchInitAffine2d", "NormSpec", "NORMS", "ROLES", "register_norm", "get_norm", "norm_names",
            "tag_norm"]
@@ -66,7 +69,14 @@ class NormSpec:
     `param_roles` maps a parameter's attribute name on the built layer to its role: "scale"
     (γ) or "shift" (β). Optimizer groups (bnlib.train.param_groups) and γ/β tracking read the
     roles from here, so a new norm (GroupNorm, LayerNorm, ...) is grouped and tracked with no
-    edit elsewhere. Default: weight -> scale when has_gamma, bias -> shift when has_beta."""
+    edit elsewhere. Default: weight -> scale when has_gamma, bias -> shift when has_beta.
+
+    `options` names the run parameters (bnlib.config.RunConfig fields) the entry's build reads
+    besides γ0, ε and momentum, e.g. ("norm_groups",): `get_norm` passes them (their RunConfig
+    defaults when not given) and bnlib.train.build_model takes them from the run's config, so a
+    norm with options needs no edit elsewhere. `check(cfg, model)` returns error lines for
+    option values that are in range but do not fit the rest of the run (bnlib.config.validate
+    calls it; `model()` builds the run's network on the meta device)."""
 
     name: str
     build: Callable[..., nn.Module]  # build(num_features, gamma0=..., eps=..., momentum=...)
@@ -75,6 +85,8 @@ class NormSpec:
     batch_stats: bool
     doc: str
     param_roles: tuple = ()  # ((attribute, role), ...); empty: derived from has_gamma/has_beta
+    options: tuple = ()  # RunConfig field names passed to build as keyword arguments
+    check: Callable[[dict, Callable[[], nn.Module]], list] | None = None
 
     def roles(self) -> dict[str, str]:
         """{attribute name: "scale" | "shift"} of the layer's learnable parameters."""
@@ -90,7 +102,7 @@ ROLES = ("scale", "shift")
 
 
 def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bool, doc: str,
-                  param_roles: dict[str, str] | None = None):
+                  param_roles: dict[str, str] | None = None, options: tuple = (), check=None):
     def deco(build):
         if name in NORMS:
             raise ValueError(f"norm {name!r} is registered twice")
@@ -98,7 +110,7 @@ def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bo
         if bad:
             raise ValueError(f"norm {name!r}: param_roles {sorted(bad)} unknown; valid roles: {list(ROLES)}")
         NORMS[name] = NormSpec(name, build, has_gamma, has_beta, batch_stats, doc,
-                               tuple(sorted((param_roles or {}).items())))
+                               tuple(sorted((param_roles or {}).items())), tuple(options), check)
         return build
 
     return deco
@@ -146,15 +158,99 @@ def _none(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
     return nn.Identity()
 
 
+# ----------------------------------------------------------------------------------------------
+# P3 (Awais et al. 2021): BN with injected noise, an ICS-free scheme, and BN's variants compared
+# on ICS. The layers and the reasons for each choice are in bnlib/bn_variants.py.
+# ----------------------------------------------------------------------------------------------
+
+@register_norm("noisy_bn", has_gamma=True, has_beta=True, batch_stats=True,
+               doc="BN followed by Santurkar et al. 2018's time-varying noise a <- s·a + m (non-zero mean, "
+                   "non-unit scale, redrawn every train-mode step; none in eval): BN with deliberate ICS",
+               options=("noise_mean_range", "noise_scale_max", "noise_mean_spread", "noise_scale_std", "noise_per"))
+def _noisy_bn(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, **noise):
+    return _set_gamma(NoisyBatchNorm2d(num_features, eps, momentum, **noise), gamma0)
+
+
+@register_norm("ics_free", has_gamma=True, has_beta=True, batch_stats=True,
+               doc="P3's ICS-free scheme (bnlib's choice): BN whose forward normalizes with the previous "
+                   "batch's statistics (one step stale, so it cannot undo the latest update's shift) while "
+                   "its gradient is BN's (batch renormalization against those statistics, unclipped)")
+def _ics_free(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
+    return _set_gamma(StaleBatchNorm2d(num_features, eps, momentum), gamma0)
+
+
+def _check_groups(cfg: dict, model: Callable[[], nn.Module]) -> list[str]:
+    # every group-normalized layer must get exactly norm_groups groups (GroupNorm2d would fall
+    # back to gcd(groups, C)): the run's recorded norm_groups is then what it ran
+    chans = sorted({m.num_channels for m in model().modules() if isinstance(m, GroupNorm2d)})
+    g = cfg["norm_groups"]
+    if not chans or all(c % g == 0 for c in chans):
+        return []
+    common = math.gcd(*chans)
+    return [f"norm_groups={g}: does not divide every channel count of {cfg['arch']} at width={cfg['width']} "
+            f"({chans}); valid choices here: {[d for d in range(1, common + 1) if common % d == 0]}, or change "
+            f"width"]
+
+
+@register_norm("group_norm", has_gamma=True, has_beta=True, batch_stats=False,
+               doc="GroupNorm (Wu & He 2018): per sample, each of norm_groups groups of channels normalized "
+                   "over (C/groups, H, W); per-channel γ, β; no batch statistics",
+               options=("norm_groups",), check=_check_groups)
+def _group_norm(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, *, norm_groups):
+    return _set_gamma(GroupNorm2d(num_features, norm_groups, eps), gamma0)
+
+
+@register_norm("layer_norm", has_gamma=True, has_beta=True, batch_stats=False,
+               doc="LayerNorm over channels: per sample over (C, H, W) (GroupNorm with one group), "
+                   "per-channel γ, β; no batch statistics")
+def _layer_norm(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
+    return _set_gamma(GroupNorm2d(num_features, 1, eps), gamma0)
+
+
+@register_norm("batch_renorm", has_gamma=True, has_beta=True, batch_stats=True,
+               doc="Batch Renormalization (Ioffe 2017): BN corrected towards the running statistics by "
+                   "r in [1/renorm_r_max, renorm_r_max], d in [-renorm_d_max, renorm_d_max] (no gradient), "
+                   "limits ramped from (1, 0) over renorm_warmup_steps",
+               options=("renorm_r_max", "renorm_d_max", "renorm_warmup_steps"))
+def _batch_renorm(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, **limits):
+    return _set_gamma(BatchRenorm2d(num_features, eps, momentum, **limits), gamma0)
+
+
+def _check_ghost(cfg: dict, model: Callable[[], nn.Module]) -> list[str]:
+    # every training step splits into equal virtual batches (Hoffer et al. 2017); equal to the
+    # batch size it is one virtual batch, i.e. BN (a control arm)
+    g, b = cfg["ghost_batch_size"], cfg["batch_size"]
+    if b % g == 0:
+        return []
+    return [f"ghost_batch_size={g}: must divide batch_size={b} (each training batch splits into equal virtual "
+            f"batches); valid choices here: {[d for d in range(2, b + 1) if b % d == 0]}"]
+
+
+@register_norm("ghost_bn", has_gamma=True, has_beta=True, batch_stats=True,
+               doc="ghost BN (Hoffer et al. 2017): BN over virtual batches of ghost_batch_size samples in "
+                   "training; running statistics averaged over them; eval as BN",
+               options=("ghost_batch_size",), check=_check_ghost)
+def _ghost_bn(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, *, ghost_batch_size):
+    return _set_gamma(GhostBatchNorm2d(num_features, eps, momentum, ghost_batch_size=ghost_batch_size), gamma0)
+
+
 def get_norm(name: str, gamma0: float = 1.0, eps: float = 1e-5,
-             momentum: float = 0.1) -> Callable[[int], nn.Module]:
-    """Return `norm_layer(num_features)` for a registry name; unknown names raise ValueError."""
+             momentum: float = 0.1, **options) -> Callable[[int], nn.Module]:
+    """Return `norm_layer(num_features)` for a registry name; unknown names raise ValueError.
+    `options` are the entry's own run parameters (NormSpec.options); those not given take their
+    RunConfig default, others are refused."""
     if name not in NORMS:
         raise ValueError(f"norm={name!r} is not a known norm; valid choices: {norm_names()}")
     spec = NORMS[name]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"norm={name!r} takes no option(s) {unknown}; its options: {list(spec.options)}")
+    if spec.options:
+        from .config import RunConfig  # the one table of defaults (config imports this module)
+        options = {**{k: getattr(RunConfig, k) for k in spec.options}, **options}
 
     def norm_layer(num_features: int) -> nn.Module:
-        return tag_norm(spec.build(num_features, gamma0=gamma0, eps=eps, momentum=momentum), spec)
+        return tag_norm(spec.build(num_features, gamma0=gamma0, eps=eps, momentum=momentum, **options), spec)
 
     norm_layer.spec = spec  # the factory reads has_gamma etc. from here
     return norm_layer

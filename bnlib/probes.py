@@ -38,14 +38,14 @@ import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .models import conv_layers
+from .models import conv_layers, norm_layers
 
 __all__ = ["ProbeContext", "ProbeSpec", "PROBES", "register_probe", "probe_names", "parse_probes",
            "check_probe_params", "ProbeRunner", "preserved_rng", "COLUMNS"]
@@ -65,6 +65,9 @@ class ProbeContext:
     epoch: float  # step / steps per epoch
     cfg: dict
     probe_batch: tuple  # (images, labels): the first probe_batch_size training images, not augmented
+    # id(a parameter of the training model) -> the same parameter of `model`: maps the
+    # optimizer's parameter groups onto the copy (the P3 ICS probe replays the real update there)
+    twin_params: dict = field(default_factory=dict)
 
     def row(self, probe: str, quantity: str, value, layer: str = "", depth: int = -1, x: float = math.nan) -> dict:
         return {"step": self.step, "epoch": self.epoch, "probe": probe, "layer": layer, "depth": int(depth),
@@ -137,18 +140,34 @@ def check_probe_params(cfg: dict, bad: set) -> list[str]:
         if not s or any(not math.isfinite(v) or v < 0 for v in s):
             errors.append(f"probe_step_sizes={s!r}: must be a non-empty list of finite step sizes >= 0")
     if cfg.get("probe_layer") is not None and not bad & {"probe_layer", "arch", "width", "stem", "shortcut"}:
-        from .models import create_model
-
-        try:
-            with torch.device("meta"):  # shapes only: no memory, no initialization time
-                n = len(conv_layers(create_model(cfg["arch"], width=cfg["width"], stem=cfg["stem"],
-                                                 shortcut=cfg["shortcut"])))
-        except ValueError:
-            n = None  # the arch/shortcut error is reported by validate itself
+        n = _n_convs(cfg)
         if n is not None and cfg["probe_layer"] >= n:
             errors.append(f"probe_layer={cfg['probe_layer']}: arch={cfg['arch']!r} has {n} conv layers "
                           f"(indices 0..{n - 1}, bnlib.models.conv_layers); None means the middle one, {n // 2}")
+    if cfg.get("probe_ics_layers") and not bad & {"probe_ics_layers", "arch", "width", "stem", "shortcut"}:
+        layers, n = cfg["probe_ics_layers"], _n_convs(cfg)
+        if any(i < 0 or (n is not None and i >= n) for i in layers) or len(set(layers)) < len(layers):
+            errors.append(f"probe_ics_layers={layers!r}: conv indices (bnlib.models.conv_layers), each once, "
+                          + (f"in 0..{n - 1} for arch={cfg['arch']!r} ({n} conv layers)" if n is not None else ">= 0")
+                          + "; [] means every conv")
+    if "probe_landscape_steps" in cfg and "probe_landscape_steps" not in bad:
+        k = cfg["probe_landscape_steps"]
+        if not k or any(not math.isfinite(v) or v <= 0 for v in k):
+            errors.append(f"probe_landscape_steps={k!r}: must be a non-empty list of finite multiples of the "
+                          f"learning rate > 0 (Santurkar et al. 2018: 0.5 ... 4)")
     return errors
+
+
+def _n_convs(cfg: dict) -> int | None:
+    """Conv layers of the config's network (bnlib.models.conv_layers), or None when it cannot be built."""
+    from .models import create_model
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialization time
+            return len(conv_layers(create_model(cfg["arch"], width=cfg["width"], stem=cfg["stem"],
+                                                shortcut=cfg["shortcut"])))
+    except ValueError:
+        return None  # the arch/shortcut error is reported by validate itself
 
 
 @contextlib.contextmanager
@@ -232,7 +251,7 @@ class ProbeRunner:
         """One probe on a fresh copy of the model (no RNG or autocast handling: see `at`)."""
         twin = copy.deepcopy(self.model).train()
         ctx = ProbeContext(twin, x, y, self.loss_fn, self.optimizer, step, step / self.spe, self.cfg,
-                           self.probe_batch)
+                           self.probe_batch, dict(zip(map(id, self.model.parameters()), twin.parameters())))
         return PROBES[name].fn(ctx)
 
 
@@ -400,3 +419,310 @@ def final_layer_grad(ctx: ProbeContext) -> list[dict]:
             ("feature_cos_mean", _mean_cos(feats["h"])), ("grad_norm_mean", float(G.norm(dim=1).mean())),
             ("top_class_frac", float(pred.bincount().max()) / len(pred))]
     return [ctx.row("final_layer_grad", q, v, layer=name) for q, v in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# P3 probes (Awais et al. 2021, measuring as Santurkar et al. 2018, "How Does Batch
+# Normalization Help Optimization?", Sec. 2.2 and 3.1)
+# ----------------------------------------------------------------------------------------------
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return torch.equal(a[0], b[0]) and (a[1] is None) == (b[1] is None) and \
+        (a[1] is None or all(torch.equal(u, v) for u, v in zip(a[1], b[1])))
+
+
+class _Evaluations:
+    """Loss and gradients of the probe's copy on the current training batch, every evaluation
+    from the same state: train mode (batch statistics, as the step computes them) with the
+    model's buffers as they were when the probe started (BN running statistics, counters, any
+    state a norm carries from step to step, which a train-mode forward would otherwise advance),
+    and the same random draw of stochastic layers (noisy BN, dropout): the step's own draw, or
+    with `fresh` the draw that follows it (the next step's)."""
+
+    def __init__(self, ctx: ProbeContext):
+        self.ctx, self.model = ctx, ctx.model
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.rng, self.rng_next = _rng_state(), None
+
+    def loss(self, fresh: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        if fresh and self.rng_next is None:
+            raise RuntimeError("a fresh draw is the one after the step's own: evaluate once without fresh first")
+        _set_rng_state(self.rng_next if fresh else self.rng)
+        out = self.ctx.loss_fn(self.model(self.ctx.x), self.ctx.y)
+        if self.rng_next is None:
+            self.rng_next = _rng_state()
+        return out
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the forward pass draws random numbers (known after the first evaluation)."""
+        return self.rng_next is not None and not _same_rng(self.rng, self.rng_next)
+
+    def grads(self, params: list, fresh: bool = False) -> tuple[float, list[torch.Tensor]]:
+        loss = self.loss(fresh)
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        return float(loss.detach()), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)]
+
+
+def _upstream(t: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors (the parameters) that `t` depends on: the AccumulateGrad nodes
+    reachable from t's autograd node. Read off the graph, so it holds for any architecture."""
+    found, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)  # keeps the node's Python object alive: identity stays valid
+        if hasattr(fn, "variable"):
+            found.add(id(fn.variable))
+        stack += [f for f, _ in fn.next_functions]
+    return found
+
+
+def _replayed_update(ctx: ProbeContext, params: list, grads: list) -> list[torch.Tensor]:
+    """The values `params` (of the probe's copy) take after the update the run's optimizer
+    makes with `grads`: a fresh optimizer of the run's class over the copy's parameters, with
+    the run's parameter groups (this step's scheduled lr, momentum, weight decay, ...) and a deep
+    copy of its state (momentum buffers, Adam moments), stepped once. The run's optimizer is only
+    read. The copy's parameters are left as they were."""
+    opt = ctx.optimizer
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [ctx.twin_params[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    twin_opt = type(opt)(groups)
+    # deep copy: load_state_dict keeps tensors that need no cast, so the run's momentum
+    # buffers would be shared and stepped in place
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    twin_opt.step()
+    after = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+            p.grad = None
+    return after
+
+
+def _l2_cos(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.flatten().double(), b.flatten().double()
+    den = a.norm() * b.norm()
+    return float((a - b).norm()), float(a @ b / den) if den > 0 else math.nan
+
+
+@register_probe("ics", doc=(
+        "P3 / Santurkar et al. 2018 Def. 2.1: internal covariate shift of conv layer i (bnlib.models.conv_layers; "
+        "probe_ics_layers, default every conv) on the current training batch: G = dL/dW_i at the current "
+        "parameters, G' = dL/dW_i after only the parameters upstream of layer i's input (every parameter its "
+        "input depends on: earlier convs and their norms, earlier blocks' shortcuts; not layer i's own norm, "
+        "which acts on its output) take the update the run's optimizer makes on this batch (its lr, momentum, "
+        "weight decay). Train-mode norms, buffers as before the step; layer 0's ICS is 0 unless a "
+        "learned layer precedes it (input_norm='bn'). Quantities: l2 = "
+        "||G - G'||, cos = cos(G, G'), grad_norm = ||G||. Stochastic nets (noisy BN, dropout): G and G' use the "
+        "step's own random draw, and noise_l2, noise_cos (G at the next step's draw, no update: what the noise "
+        "alone changes) and l2_fresh_draw, cos_fresh_draw (G' at the next step's draw) are added. At an epoch "
+        "end the batch is the epoch's last one and the update is the one the optimizer would make on it next."))
+def ics(ctx: ProbeContext) -> list[dict]:
+    model = ctx.model
+    convs = conv_layers(model)
+    layers = [convs[i] for i in (ctx.cfg.get("probe_ics_layers") or range(len(convs)))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    ev = _Evaluations(ctx)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda _m, inp, _out, i=i: inputs.__setitem__(i, inp[0])) for i, _, m in layers]
+    try:
+        loss = ev.loss()
+    finally:
+        for h in hooks:
+            h.remove()
+    stochastic = ev.stochastic
+    upstream = {i: _upstream(inputs[i]) for i, _, _ in layers}
+    del inputs
+    grads = [torch.zeros_like(p) if g is None else g.detach()
+             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+    del loss
+    G = {id(p): g for p, g in zip(params, grads)}
+    new = _replayed_update(ctx, params, grads)
+    rows = []
+    if stochastic:  # the same weights, the next draw: what the noise alone changes
+        _, noisy = ev.grads([m.weight for _, _, m in layers], fresh=True)
+        for (i, n, m), g in zip(layers, noisy):
+            l2, cos = _l2_cos(G[id(m.weight)], g)
+            rows += [ctx.row("ics", "noise_l2", l2, layer=n, depth=i), ctx.row("ics", "noise_cos", cos, layer=n, depth=i)]
+    for i, n, m in layers:
+        moved = [(p, v) for p, v in zip(params, new) if id(p) in upstream[i]]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p, _ in moved]
+            for p, v in moved:
+                p.copy_(v)
+        g0 = G[id(m.weight)]
+        # Santurkar's G' is the same loss function of the weights: the step's own random draw.
+        # With a fresh draw G' also moves with the noise of every layer, the ones after i
+        # included, so layer 0 would show "ICS" that no input shift causes: kept apart.
+        draws = [("", False), ("_fresh_draw", True)] if stochastic else [("", False)]
+        for suffix, fresh in draws:
+            (g1,) = ev.grads([m.weight], fresh=fresh)[1]
+            l2, cos = _l2_cos(g0, g1)
+            rows += [ctx.row("ics", "l2" + suffix, l2, layer=n, depth=i), ctx.row("ics", "cos" + suffix, cos, layer=n, depth=i)]
+        rows.append(ctx.row("ics", "grad_norm", float(g0.double().norm()), layer=n, depth=i))
+        with torch.no_grad():
+            for (p, _), s in zip(moved, saved):
+                p.copy_(s)
+    return rows
+
+
+@register_probe("landscape", doc=(
+        "P3 / Santurkar et al. 2018 Sec. 3.1, Fig. 4: from the current parameters θ and training batch, along the "
+        "gradient g = ∇L(θ) (every trainable parameter), for step sizes η = k·lr (k in probe_landscape_steps, "
+        "lr = the run's base learning rate): loss = L(θ − ηg) and grad_diff = ||∇L(θ) − ∇L(θ − ηg)|| (x = η); "
+        "their ranges loss_min, loss_max, grad_diff_min, grad_diff_max (gradient predictiveness: a small "
+        "grad_diff means the gradient stays predictive along the step); beta_smoothness = max over η of "
+        "grad_diff / ||ηg|| (effective β-smoothness); loss_before, grad_norm, lr. Train-mode norms from the "
+        "same buffers and random draw at every point, so only θ moves."))
+def landscape(ctx: ProbeContext) -> list[dict]:
+    model = ctx.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    ev = _Evaluations(ctx)
+    loss0, g = ev.grads(params)
+    gnorm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in g)))
+    theta = [p.detach().clone() for p in params]
+    lr = float(ctx.cfg["lr"])  # the base rate: late in a cosine schedule the scheduled one is ~0
+    rows = [ctx.row("landscape", "loss_before", loss0), ctx.row("landscape", "grad_norm", gnorm),
+            ctx.row("landscape", "lr", lr)]
+    losses, diffs, betas = [], [], []
+    for k in ctx.cfg["probe_landscape_steps"]:
+        eta = k * lr
+        with torch.no_grad():
+            for p, t, d in zip(params, theta, g):
+                p.copy_(t - eta * d)
+        loss, g2 = ev.grads(params)
+        diff = float(torch.sqrt(sum((a.double() - b.double()).pow(2).sum() for a, b in zip(g, g2))))
+        losses.append(loss)
+        diffs.append(diff)
+        betas.append(diff / (eta * gnorm) if gnorm > 0 else math.nan)
+        rows += [ctx.row("landscape", "loss", loss, x=eta), ctx.row("landscape", "grad_diff", diff, x=eta)]
+    # a step that makes the loss or gradient non-finite counts as unbounded (nan sorts badly)
+    worst = [v if math.isfinite(v) else math.inf for v in losses]
+    diffs = [v if math.isfinite(v) else math.inf for v in diffs]
+    betas = [v if math.isfinite(v) or gnorm == 0 else math.inf for v in betas]
+    rows += [ctx.row("landscape", q, v) for q, v in (
+        ("loss_min", min(worst)), ("loss_max", max(worst)), ("grad_diff_min", min(diffs)),
+        ("grad_diff_max", max(diffs)), ("beta_smoothness", max(betas)))]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# P2 probes (Davis & Frank 2022, "Revisiting Batch Normalization")
+# ----------------------------------------------------------------------------------------------
+
+@register_probe("max_normalized", doc=(
+        "P2 Sec. 3: normalization can produce overly large values, and γ ≈ 1 passes them on. Per norm layer "
+        "(bnlib.models.norm_layers; depth = its index there, P2's input BN first when input_norm='bn'), on the "
+        "fixed probe batch in train mode: xhat_abs_max, the largest |x̂| (the layer applied to its input with "
+        "its scale set to 1 and its shift to 0: for BN, (x − μ_B)/√(σ²_B + ε)), and out_abs_max, the largest "
+        "|γ·x̂ + β| (the layer's actual output)."))
+@torch.no_grad()
+def max_normalized(ctx: ProbeContext) -> list[dict]:
+    model, layers = ctx.model, norm_layers(ctx.model)
+    seen = {}  # layer name -> (its input, its output) on the probe batch
+    handles = [m.register_forward_hook(lambda _m, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+               for name, m in layers]
+    try:
+        model(ctx.probe_batch[0])
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for depth, (name, m) in enumerate(layers):
+        if name not in seen:
+            continue
+        x, out = seen[name]
+        # x̂ from the layer itself with γ = 1, β = 0 (roles from the norm registry), so any norm
+        # is measured by its own normalization; the model is the probe's copy, free to change
+        for attr, role in m._bnlib_roles.items():
+            p = getattr(m, attr, None)
+            if isinstance(p, torch.Tensor):
+                p.fill_(1.0 if role == "scale" else 0.0)
+        top = torch.stack([m(x).float().abs().max(), out.float().abs().max()]).tolist()
+        rows += [ctx.row("max_normalized", "xhat_abs_max", top[0], layer=name, depth=depth),
+                 ctx.row("max_normalized", "out_abs_max", top[1], layer=name, depth=depth)]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# P5 probe (De & Smith 2020, "Batch Normalization Biases Residual Blocks Towards the Identity
+# Function in Deep Networks")
+# ----------------------------------------------------------------------------------------------
+
+@register_probe("signal_propagation", doc=(
+        "P5 Fig. 2: per residual block (depth = block index in model.blocks(), layer = its name), on the fixed "
+        "probe batch in train mode, the mean squared activation of the two tensors the block adds, from its "
+        "parts(x) -> (skip, branch): skip_ms (the skip path), branch_ms (the residual branch, SkipInit's α "
+        "included), branch_to_skip = branch_ms / skip_ms, and identity_skip (1 where the skip is the identity, "
+        "0 where a projection or padding resets it at a stage start). Computed in float64, so an unnormalized "
+        "net's ~2^l growth is measured rather than overflowed (fp32 ends at 2^128, a few hundred blocks)."))
+@torch.no_grad()
+def signal_propagation(ctx: ProbeContext) -> list[dict]:
+    # P5's argument: with BN at the start of each branch, Var(x_{l+1}) ≈ Var(x_l) + 1, so the
+    # skip path's mean square grows ~linearly in l while the branch's stays ~1 (the branch is
+    # down-weighted by ~√l); without normalization (He init) both double per block; SkipInit's
+    # α = 0 makes every branch exactly 0 at init, so the skip path stays flat.
+    model = ctx.model.double()  # the probe's own copy: free to change precision
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = model.blocks() if hasattr(model, "blocks") else []
+    seen: dict[int, tuple] = {}
+
+    def record(j: int, b: nn.Module, skip: torch.Tensor, branch: torch.Tensor) -> None:
+        ms = torch.stack([skip.pow(2).mean(), branch.pow(2).mean()])
+        seen[j] = (ms, isinstance(getattr(b, "shortcut", None), nn.Identity))
+
+    def through_parts(j, b, parts):
+        def wrapped(x):  # every block's forward is parts + its combine: one forward measures all
+            skip, branch = parts(x)
+            record(j, b, skip, branch)
+            return skip, branch
+        return wrapped
+
+    def fallback(j, parts):  # a block whose forward does not call parts: measure its input again
+        def hook(b, inp, _out):
+            if j not in seen:
+                record(j, b, *parts(inp[0]))
+        return hook
+
+    handles = []
+    for j, b in enumerate(blocks):
+        parts = getattr(b, "parts", None)  # bnlib.models: every residual block has it
+        if parts is None:
+            continue
+        b.parts = through_parts(j, b, parts)
+        handles.append(b.register_forward_hook(fallback(j, parts)))
+    try:
+        model(ctx.probe_batch[0].to(torch.float64))
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        return []
+    ms = torch.stack([seen[j][0] for j in sorted(seen)]).tolist()  # one read-back for every block
+    rows = []
+    for (skip, branch), j in zip(ms, sorted(seen)):
+        name = names[id(blocks[j])]
+        ratio = branch / skip if skip > 0 else math.nan
+        rows += [ctx.row("signal_propagation", q, v, layer=name, depth=j)
+                 for q, v in (("skip_ms", skip), ("branch_ms", branch), ("branch_to_skip", ratio),
+                              ("identity_skip", float(seen[j][1])))]
+    return rows

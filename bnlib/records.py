@@ -30,10 +30,11 @@ import pandas as pd
 import torch
 
 from .config import IDENTITY_EXCLUDED
+from .norms import NORMS
 from .device import device_provenance
 
 __all__ = ["run_id", "provenance", "config_record", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
-           "check_writable", "STATUSES", "FINISHED"]
+           "check_writable", "STATUSES", "FINISHED", "RecordError", "record_problem"]
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 FINISHED = ("completed", "diverged")  # results: skipped on rerun, loaded by load_runs
@@ -43,10 +44,40 @@ TABLES = ("epochs", "steps", "norm_params")  # every run has these
 OPTIONAL_TABLES = ("channels", "probes")  # probes: measurements inside training (bnlib.probes)
 
 
+class RecordError(ValueError):
+    """A record file that parses but does not have the shape bnlib writes (a list where an
+    object belongs, a string where metrics belong, ...); the message names the file."""
+
+
+def record_problem(name: str, obj) -> str | None:
+    """None when `obj` (the parsed `name`.json) has the shape bnlib writes, else what is wrong.
+    Readers check this before they index into a record, so a hand-edited or foreign file makes
+    them skip the run with a reason instead of crashing on the whole folder."""
+    if not isinstance(obj, dict):
+        return f"{name}.json holds {type(obj).__name__}, not an object"
+    if name == "config":
+        if not isinstance(obj.get("params"), dict):
+            return f"config.json: 'params' is {type(obj.get('params')).__name__}, not an object"
+    elif name == "status":
+        if obj.get("status") not in STATUSES:
+            return f"status.json: status {obj.get('status')!r} is not one of {list(STATUSES)}"
+        for sub in ("metrics", "data_sizes"):
+            if obj.get(sub) is not None and not isinstance(obj[sub], dict):
+                return f"status.json: {sub!r} is {type(obj[sub]).__name__}, not an object"
+    elif name == "manifest":
+        if not isinstance(obj.get("run_ids"), list) or not all(isinstance(r, str) for r in obj["run_ids"]):
+            return "manifest.json: 'run_ids' is not a list of run ids"
+    return None
+
+
 def run_id(cfg: dict) -> str:
     """Readable prefix + hash of every parameter that changes what the run computes (device
-    by type only: cuda:0 and cuda:1 compute the same run)."""
-    ident = {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
+    by type only: cuda:0 and cuda:1 compute the same run; the options of norms other than the
+    run's, e.g. norm_groups of a BN run, change nothing: left out, so a grid that varies them
+    for one norm does not rerun the others)."""
+    own = set(NORMS[cfg["norm"]].options) if cfg.get("norm") in NORMS else set()
+    other_norms = {k for spec in NORMS.values() for k in spec.options} - own
+    ident = {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED and k not in other_norms}
     ident["device"] = torch.device(cfg["device"]).type
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg['norm']}-{cfg['arch']}-bs{cfg['batch_size']}-lr{cfg['lr']:g}-s{cfg['seed']}-{digest}"
@@ -79,15 +110,22 @@ def check_writable(out_dir: Path, min_free_mb: float = 50.0) -> None:
     """Fail before training when the outputs folder cannot take a run's records."""
     from .config import ConfigError
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
+    # Checked on the nearest folder that exists, creating nothing: a command rejected here (or
+    # later, before its first run) leaves no empty outputs folder behind (issue 15).
+    here = out_dir
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ConfigError(f"out_dir={str(out_dir)!r}: {str(here)!r} is a file, not a folder; choose another "
+                          f"outputs folder") from None
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=here, prefix=".write-test-"):
             pass
     except OSError as e:
         raise ConfigError(f"out_dir={str(out_dir)!r}: not writable ({e.strerror or e}); choose a folder you can "
                           f"write to") from None
-    free = shutil.disk_usage(out_dir).free / 2**20
+    free = shutil.disk_usage(here).free / 2**20
     if free < min_free_mb:
         raise ConfigError(f"out_dir={str(out_dir)!r}: only {free:.0f} MB free; a run needs at least "
                           f"{min_free_mb:.0f} MB for its records and checkpoint") from None
@@ -168,7 +206,12 @@ class RunDir:
         atomic_write(self.path / f"{name}.json", json.dumps(obj, indent=1, default=str).encode())
 
     def read_json(self, name: str) -> dict:
-        return json.loads((self.path / f"{name}.json").read_text())
+        """The parsed record, its shape checked (record_problem): RecordError (a ValueError)
+        when it parses but is not what bnlib writes; OSError / ValueError when unreadable."""
+        obj = json.loads((self.path / f"{name}.json").read_text())
+        if (problem := record_problem(name, obj)) is not None:
+            raise RecordError(f"{self.path / f'{name}.json'}: {problem.split(': ', 1)[-1]}")
+        return obj
 
     def write_table(self, name: str, rows: list[dict] | pd.DataFrame) -> None:
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
@@ -207,6 +250,8 @@ class RunDir:
         for name in ("config", "status"):
             try:
                 self.read_json(name)
+            except RecordError as e:
+                return f"{name}.json has the wrong shape: {e}"
             except (OSError, ValueError) as e:
                 return f"{name}.json unreadable: {type(e).__name__}: {e}"
         for t in (*TABLES, *(t for t in OPTIONAL_TABLES if (self.path / f"{t}.parquet").exists())):
@@ -217,6 +262,8 @@ class RunDir:
         return None
 
     def status(self) -> dict | None:
+        """status.json, or None when it is missing, unreadable or of the wrong shape (the run
+        is then treated as not finished: run again)."""
         try:
             return self.read_json("status")
         except (OSError, ValueError):
@@ -272,16 +319,30 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
     """Read every run directory under `path` (searched recursively for config.json; only those
     named in `run_ids` if given). Runs whose status is not in `statuses` (e.g. still running, or
     failed) or whose files cannot be read are left out and listed in `.skipped` with the reason."""
+    if not str(os.fspath(path)).strip():
+        raise FileNotFoundError("load_runs: an empty path; pass the runs folder (e.g. 'outputs/runs')")
+    root = Path(os.fspath(path)).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"load_runs: {str(root)!r} does not exist; pass the runs folder (e.g. "
+                                f"'outputs/runs') or one run's folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"load_runs: {str(root)!r} is a file, not a folder; pass the runs folder (e.g. "
+                                 f"'outputs/runs') or one run's folder")
+    if run_ids is not None:  # whole ids: a single id given as a string is not a set of its substrings
+        run_ids = {run_ids} if isinstance(run_ids, str) else {os.fspath(r) for r in run_ids}
     rows, tables, skipped = [], {t: [] for t in (*TABLES, *OPTIONAL_TABLES)}, []
-    for cfg_path in sorted(Path(path).rglob("config.json")):
+    for cfg_path in sorted(root.rglob("config.json")):
         rd = RunDir(cfg_path.parent)
         if run_ids is not None and rd.id not in run_ids:
             continue
         try:
             conf = rd.read_json("config")
             st = rd.read_json("status")
+        except RecordError as e:
+            skipped.append((str(rd.path), f"wrong shape: {e}"))
+            continue
         except (OSError, ValueError) as e:
-            skipped.append((str(rd.path), f"unreadable config/status: {e}"))
+            skipped.append((str(rd.path), f"unreadable config/status: {type(e).__name__}: {e}"))
             continue
         if st.get("status") not in statuses:
             why = f"status {st.get('status')!r}"

@@ -43,14 +43,34 @@ def _verdict_list(path: Path) -> str:
         verdicts = json.loads(path.read_text())
         items = "".join(f'<li class="{html.escape(v["outcome"])}"><b>{html.escape(v["outcome"])}</b>: '
                         f'{html.escape(v["sentence"])}</li>' for v in verdicts)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent, or not bnlib's shape
         return ""
     return f'<ul class="verdicts">{items}</ul>'
 
 
+def _manifest(path: Path) -> dict:
+    """A study's manifest.json, or {} when it is missing, unreadable or not an object (the
+    study is still listed, by its folder name)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def build_report(out="outputs") -> Path:
-    """Render summary, studies and runs; write report/index.html. Returns its path."""
-    out = Path(out)
+    """Render summary, studies and runs; write report/index.html. Returns its path. An `out`
+    that is not an outputs folder (missing, a file, nothing in it to report) raises ConfigError
+    before report/ is made."""
+    from .config import ConfigError
+
+    out = Path(os.fspath(out)).expanduser()
+    if not out.is_dir():
+        raise ConfigError(f"out={str(out)!r}: {'a file, not a folder' if out.exists() else 'does not exist'}; "
+                          f"pass the outputs folder a study wrote (--out, default 'outputs')")
+    if not any((out / n).exists() for n in ("runs", "studies", "summary.ipynb")):
+        raise ConfigError(f"out={str(out)!r}: nothing to report (no runs/, studies/ or summary.ipynb in it); pass "
+                          f"the outputs folder a study wrote, or run one first (python -m bnlib study p1)")
     rep = out / "report"
     sections = []
 
@@ -78,9 +98,8 @@ def build_report(out="outputs") -> Path:
     study_rows = []
     for nb in sorted(p for p in (out / "studies").glob("*/*.ipynb") if not p.name.startswith(".")):
         name = nb.parent.name
-        man = nb.parent / "manifest.json"
-        title = json.loads(man.read_text()).get("title", name) if man.exists() else name
-        preset = json.loads(man.read_text()).get("preset", "") if man.exists() else ""
+        man = _manifest(nb.parent / "manifest.json")
+        title, preset = str(man.get("title", name)), str(man.get("preset", ""))
         rel = page(nb, f"studies/{name}.html")
         if rel is None:
             continue
@@ -91,16 +110,19 @@ def build_report(out="outputs") -> Path:
     run_rows = []
     for nb in sorted((out / "runs").glob("*/run.ipynb")):
         rd = RunDir(nb.parent)
-        st = rd.status() or {}
+        st = rd.status()
+        if st is None:  # missing, unreadable or of the wrong shape: listed as damaged, with why
+            st = {"status": "damaged", "error": rd.verify() or "status.json missing"}
         m = st.get("metrics") or {}
         rel = page(nb, f"runs/{rd.id}.html")
         if rel is None:
             continue
-        acc = f"{m['best_val_acc']:.3f} / {m['test_acc_at_best_val']:.3f}" if "best_val_acc" in m else ""
-        extra = f" at step {st['diverged_step']}" if st.get("diverged_step") is not None else ""
-        if st.get("status") == "failed" and st.get("error"):  # why, on the index itself
-            extra = f": {html.escape(st['error'].splitlines()[0][:200])}"
-        run_rows.append(f'<tr><td><a href="{rel}">{html.escape(rd.id)}</a></td><td>{st.get("status", "?")}{extra}</td>'
+        nums = [m.get(k) for k in ("best_val_acc", "test_acc_at_best_val")]
+        acc = " / ".join(f"{v:.3f}" for v in nums) if all(isinstance(v, (int, float)) for v in nums) else ""
+        extra = f" at step {html.escape(str(st['diverged_step']))}" if st.get("diverged_step") is not None else ""
+        if st.get("status") in ("failed", "damaged") and st.get("error"):  # why, on the index itself
+            extra = f": {html.escape((str(st['error']).splitlines() or [''])[0][:200])}"
+        run_rows.append(f'<tr><td><a href="{rel}">{html.escape(rd.id)}</a></td><td>{html.escape(str(st.get("status", "?")))}{extra}</td>'
                         f"<td>{acc}</td></tr>")
     sections.append("<h2>Runs</h2><table><tr><th>run</th><th>status</th><th>best val acc / test acc at it</th></tr>"
                     + "".join(run_rows) + "</table>")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import pandas as pd
 from scipy import stats as sps
 
 __all__ = ["Effect", "Verdict", "select_lr", "at_selected_lr", "paired_effect", "contrast_effect",
-           "ratio_interval", "beats_chance", "decide", "verdict_table", "write_verdicts", "read_verdicts",
-           "OUTCOMES"]
+           "ratio_interval", "rank_correlation", "rank_correlation_difference", "beats_chance", "decide",
+           "decide_margin", "all_of", "verdict_table", "write_verdicts", "read_verdicts", "OUTCOMES"]
 
 OUTCOMES = ("supported", "contradicted", "inconclusive")
 ALPHA = 0.05  # significance level of every test (P2's authors: p <= 0.05)
@@ -187,6 +188,87 @@ def beats_chance(values, chance: float, margin: float = 0.05) -> tuple[bool, str
 
 
 # ----------------------------------------------------------------------------------------------
+# rank correlations across arms
+# ----------------------------------------------------------------------------------------------
+
+def _unit_means_boot(table: pd.DataFrame, cols: list[str], unit: str, replicate: str | None, n_boot: int,
+                     seed: int) -> tuple[dict, dict, int]:
+    """Per column: the mean per unit (U,), and its bootstrap replicates (n_boot, U): units
+    resampled with replacement and, in each round, one resample of the replicates shared by all
+    units (replicates are matched: seed s of one arm pairs with seed s of another)."""
+    rep = replicate or "_one"
+    t = table.assign(_one=0) if replicate is None else table
+    piv = {c: t.pivot_table(index=unit, columns=rep, values=c, aggfunc="mean") for c in cols}
+    units = sorted(set.intersection(*(set(p.dropna(how="all").index) for p in piv.values())))
+    reps = sorted(set.union(*(set(p.columns) for p in piv.values())))
+    arr = {c: p.reindex(index=units, columns=reps).to_numpy(float) for c, p in piv.items()}
+    rng = np.random.default_rng(seed)
+    ui = rng.integers(0, len(units), size=(n_boot, len(units)))
+    ri = rng.integers(0, len(reps), size=(n_boot, len(reps)))
+    point, boots = {}, {}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a unit without a drawn replicate: nan
+        for c, a in arr.items():
+            point[c] = np.nanmean(a, axis=1)
+            boots[c] = np.nanmean(a[ui[:, :, None], ri[:, None, :]], axis=2)
+    return point, boots, len(units)
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's ρ of each row pair of a, b (n, U): Pearson's r of average ranks; nan where a
+    row has a missing value or no spread."""
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    # ±inf ranks at an end (e.g. an unbounded β-smoothness: the least smooth); only nan is missing
+    ok = ~np.isnan(a).any(1) & ~np.isnan(b).any(1)
+    ra = sps.rankdata(np.nan_to_num(a, nan=0.0, posinf=np.inf, neginf=-np.inf), axis=1)
+    rb = sps.rankdata(np.nan_to_num(b, nan=0.0, posinf=np.inf, neginf=-np.inf), axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    den = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    with np.errstate(all="ignore"):
+        r = (ra * rb).sum(1) / den
+    return np.where(ok & (den > 0), r, np.nan)
+
+
+def _boot_effect(name: str, point: float, boots: np.ndarray, n: int, alternative: str, level: float) -> Effect:
+    boots = boots[np.isfinite(boots)]
+    if len(boots) < 100 or not math.isfinite(point):
+        return Effect(name, point, math.nan, math.nan, math.nan, n, alternative)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    # bootstrap p-value: the share of resamples on the far side of 0 (+1 smoothing)
+    below, above = (np.sum(boots <= 0) + 1) / (len(boots) + 1), (np.sum(boots >= 0) + 1) / (len(boots) + 1)
+    p = below if alternative == "greater" else above if alternative == "less" else min(1.0, 2 * min(below, above))
+    return Effect(name, float(point), float(lo), float(hi), float(p), n, alternative)
+
+
+def rank_correlation(table: pd.DataFrame, x: str, y: str, unit: str, replicate: str | None = None,
+                     alternative: str = "two-sided", n_boot: int = 4000, seed: int = 0,
+                     level: float = LEVEL) -> Effect:
+    """Spearman's ρ between x and y across units (e.g. arms), each unit's value the mean over
+    its replicates (seeds), with a percentile bootstrap interval over units and replicates
+    (both resampled with replacement; replicates matched across units) and a bootstrap p-value.
+    `n` of the Effect is the number of units. With ~10 units the interval is wide: that is the
+    information there is."""
+    point, boots, n = _unit_means_boot(table, [x, y], unit, replicate, n_boot, seed)
+    rho = float(_spearman_rows(point[x], point[y])[0]) if n >= 3 else math.nan
+    return _boot_effect(f"Spearman ρ({x}, {y})", rho, _spearman_rows(boots[x], boots[y]), n, alternative, level)
+
+
+def rank_correlation_difference(table: pd.DataFrame, a: str, b: str, y: str, unit: str,
+                                replicate: str | None = None, sign_a: float = 1.0, sign_b: float = 1.0,
+                                alternative: str = "greater", n_boot: int = 4000, seed: int = 0,
+                                level: float = LEVEL) -> Effect:
+    """Does a track y better than b does? sign_a·ρ(a, y) − sign_b·ρ(b, y) across units, on the
+    same bootstrap resamples as rank_correlation (signs: the direction each is expected to go,
+    e.g. −1 for "lower is better"), with its interval and bootstrap p-value."""
+    point, boots, n = _unit_means_boot(table, [a, b, y], unit, replicate, n_boot, seed)
+    d = (sign_a * _spearman_rows(point[a], point[y]) - sign_b * _spearman_rows(point[b], point[y]))[0] \
+        if n >= 3 else math.nan
+    db = sign_a * _spearman_rows(boots[a], boots[y]) - sign_b * _spearman_rows(boots[b], boots[y])
+    name = f"{'' if sign_a > 0 else '−'}ρ({a}, {y}) {'−' if sign_b > 0 else '+'} ρ({b}, {y})"
+    return _boot_effect(name, float(d), db, n, alternative, level)
+
+
+# ----------------------------------------------------------------------------------------------
 # the decision
 # ----------------------------------------------------------------------------------------------
 
@@ -220,6 +302,47 @@ def decide(study: str, claim: str, effect: Effect, threshold: float = 0.0, direc
     if reasons:
         sentence += "; " + "; ".join(reasons)
     return Verdict(study, claim, outcome, sentence + ".", [asdict(effect)], reasons)
+
+
+def decide_margin(study: str, claim: str, effect: Effect, margin: float, guards: list[tuple[bool, str]] = (),
+                  one_sided: bool = False, min_pairs: int = 3, what: str = "") -> Verdict:
+    """A claim that two arms are alike rather than different, decided on the 95% interval of
+    their paired difference: equivalence ("a matches b": the whole interval inside ±margin) or,
+    with one_sided, non-inferiority ("a is not worse than b by more than margin": the whole
+    interval above −margin). Contradicted when the interval lies wholly beyond the margin on the
+    wrong side; inconclusive when it straddles it or a guard fails. The interval, not the p-value
+    against 0 in the sentence, decides: a two-sided 95% interval inside the margin is the two
+    one-sided tests at 2.5% each (TOST)."""
+    reasons = [why for ok, why in guards if not ok]
+    if effect.n < min_pairs:
+        reasons.append(f"only {effect.n} matched pairs (need >= {min_pairs})")
+    lo, hi = effect.lo, effect.hi
+    if reasons or not (math.isfinite(lo) and math.isfinite(hi)):
+        outcome = "inconclusive"
+        reasons = reasons or ["no confidence interval"]
+    elif lo > -margin and (one_sided or hi < margin):
+        outcome = "supported"
+    elif hi < -margin or (not one_sided and lo > margin):
+        outcome = "contradicted"
+    else:
+        outcome = "inconclusive"
+        reasons.append(f"the 95% interval reaches beyond {'−' if one_sided else '±'}{margin:g}")
+    word = outcome.upper()
+    sentence = f"{claim}: {word} by these runs — {what + ': ' if what else ''}{effect.text()}"
+    if reasons:
+        sentence += "; " + "; ".join(reasons)
+    return Verdict(study, claim, outcome, sentence + ".", [asdict(effect)], reasons)
+
+
+def all_of(study: str, claim: str, parts: list[Verdict]) -> Verdict:
+    """A claim made of parts: supported when every part is, contradicted when any part is,
+    inconclusive otherwise; the sentence carries each part's."""
+    outs = [v.outcome for v in parts]
+    outcome = ("contradicted" if "contradicted" in outs else "supported" if parts and set(outs) == {"supported"}
+               else "inconclusive")
+    reasons = [f"{v.claim}: {v.outcome}" for v in parts if v.outcome != outcome]
+    sentence = f"{claim}: {outcome.upper()} by these runs — " + " ".join(v.sentence for v in parts)
+    return Verdict(study, claim, outcome, sentence, [e for v in parts for e in v.effects], reasons)
 
 
 def verdict_table(verdicts: list[Verdict]) -> pd.DataFrame:

@@ -25,12 +25,13 @@ from filelock import Timeout
 from tqdm import tqdm
 
 from .config import validate
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_states
+from .checkpoint import checkpoint_problem, load_checkpoint, save_checkpoint, set_rng_states
 from .device import configure_backends
 from . import bnstats
 from .bnstats import fixed_batches
 from .data import augment, check_data, load_data, steps_per_epoch, to_input
 from .models import create_model, norm_layers, param_roles
+from .norms import NORMS
 from .probes import ProbeRunner
 from .records import FINISHED, RunDir, check_writable, config_record, run_id
 
@@ -44,9 +45,11 @@ __all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups
 def build_model(cfg: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes: int = 10):
     """The run's network; the input channel count follows the data set's (len(mean))."""
     keys = ("norm", "gamma0", "width", "stem", "zero_init_last_gamma", "residual_gain", "alpha0",
-            "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum", "shortcut")
+            "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum", "shortcut", "zero_bias",
+            "dropout", "fc_dropout", "conv_bias", "checkpoint_blocks")
     return create_model(cfg["arch"], num_classes=num_classes, input_mean=mean, input_std=std,
-                        in_channels=len(mean), **{k: cfg[k] for k in keys})
+                        in_channels=len(mean), **{k: cfg[k] for k in keys},
+                        norm_options={k: cfg[k] for k in NORMS[cfg["norm"]].options})
 
 
 def param_groups(model: torch.nn.Module, cfg: dict) -> list[dict]:
@@ -72,9 +75,12 @@ def param_groups(model: torch.nn.Module, cfg: dict) -> list[dict]:
             for k, ps in groups.items() if ps]
 
 
-def lr_at(step: int, total: int, cfg: dict, steps_per_epoch: int) -> float:
-    """Multiplier of each group's start lr at `step` (0-based): linear warm-up, then constant,
-    step or cosine (to final_lr_frac). Every group is annealed from its own start lr."""
+def lr_at(step: int, total: int, cfg: dict, steps_per_epoch: int, start_lr: float | None = None) -> float:
+    """Multiplier of a group's start lr `start_lr` at `step` (0-based): linear warm-up, then
+    constant, step or cosine. Every group is annealed from its own start lr; the cosine ends at
+    final_lr_frac × start_lr, or at the absolute final_lr when that is set (P2's code anneals every
+    group to 1e-8, as torch's CosineAnnealingLR(eta_min) does; validate() allows one of the two),
+    which is why the multiplier needs the group's `start_lr`."""
     warm = round(cfg["warmup_epochs"] * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm
@@ -83,7 +89,12 @@ def lr_at(step: int, total: int, cfg: dict, steps_per_epoch: int) -> float:
         return 1.0
     if cfg["schedule"] == "step":
         return cfg["step_gamma"] ** sum(t >= m for m in cfg["step_milestones"])
-    f = cfg["final_lr_frac"]
+    if cfg.get("final_lr") is not None:
+        if not start_lr:
+            raise ValueError("lr_at: an absolute final_lr needs the group's start_lr")
+        f = cfg["final_lr"] / start_lr
+    else:
+        f = cfg["final_lr_frac"]
     return f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -217,9 +228,11 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(param_groups(model, cfg), cfg)
-    spe = steps_per_epoch(len(data.y_train), cfg["batch_size"])
+    spe = steps_per_epoch(len(data.y_train), cfg["batch_size"], cfg["drop_last"])
     total = spe * cfg["epochs"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, cfg, spe))
+    # one multiplier per group: an absolute final_lr is a different fraction of each start lr
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s, lr0=g["lr"]: lr_at(s, total, cfg, spe, lr0)
+                                                    for g in opt.param_groups])
     fwd = torch.compile(model) if cfg["compile"] else model
     use_bf16 = cfg["precision"] == "bf16"
 
@@ -327,7 +340,7 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
                     break
         seconds = time.perf_counter() - t0 - probes.take_seconds()  # training only
         probes.at(step, x, y, epoch_end=True)  # every requested probe at every epoch end
-        n_seen = (i + 1) * cfg["batch_size"]
+        n_seen = min((i + 1) * cfg["batch_size"], len(data.y_train))  # a kept last batch is partial
         with eval_stats():
             val_loss, val_acc = evaluate(fwd, data.x_val, data.y_val, cfg, autocast)
             test_loss, test_acc = evaluate(fwd, data.x_test, data.y_test, cfg, autocast)
@@ -419,6 +432,8 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
     out_dir = Path(cfg["out_dir"]).expanduser()
     rd = RunDir(out_dir / rid)
     old = rd.status() if rd.path.exists() else None
+    if old is None and (rd.path / "status.json").exists():  # unreadable or of the wrong shape: damaged
+        print(f"run {rid}: records damaged ({rd.verify()}); running it again", file=sys.stderr)
     finished = bool(old) and old.get("status") in FINISHED
     problem = rd.verify() if finished else None
     if problem:
@@ -428,8 +443,8 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
         if cfg["progress"]:
             print(f"run {rid}: already {old['status']}; loaded from {rd.path}", file=sys.stderr)
         return RunResult({**old, "run_dir": str(rd.path)})
+    check_writable(out_dir)  # creates nothing; then the data set (which may stage files into data_dir)
     check_data(cfg)
-    check_writable(out_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
     lock = rd.lock()  # one process per run directory at a time
     try:
@@ -437,6 +452,12 @@ def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
     except Timeout:
         raise RunLocked(f"run {rid} is being run by another process ({rd.path})") from None
     try:
+        ckpt = rd.path / "checkpoint.pt"
+        if not rerun and ckpt.exists() and (bad_ckpt := checkpoint_problem(ckpt)):
+            # one checkpoint is kept (the last finished epoch): a damaged one means starting afresh
+            print(f"run {rid}: checkpoint damaged ({bad_ckpt}); starting the run again from scratch",
+                  file=sys.stderr)
+            rerun = True
         if rerun:
             (rd.path / "checkpoint.pt").unlink(missing_ok=True)
         if not (rd.path / "checkpoint.pt").exists():

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench.py [--quick] [--repeats N] [--out outputs/bench]
         [--n-train N] [--threads N] [--budget-s S] [--max-foreign F] [--wait-idle S] [--loops a,b]
-        [--device D] [--probe-calls N]
+        [--device D] [--probe-calls N] [--archs ARCH:WIDTH,...] [--study NAME[:PRESET]]
 
 One process, one model (resnet18, BN, CIFAR stem; width 0.25 on CPU, 1.0 on CUDA), one data
 set (bnlib's synthetic images, the same training images for every loop), batch size 128.
@@ -33,7 +33,9 @@ be shared: the share of the CPUs other processes used is measured during every m
 rounds above --max-foreign are left out of the summary when at least 2 clean rounds remain (all
 values stay in the JSON); --wait-idle S makes each round wait up to S seconds for an idle
 machine first. --budget-s bounds the run: no new round starts that would end past it.
-Writes <out>/bench.json (machine, results, ratios, diagnostics_overhead) and prints a table.
+Writes <out>/bench.json (machine, results, ratios, diagnostics_overhead) and prints a table,
+and merges this machine's bnlib img/s per model (resnet18 at the bench width, plus --archs
+arch:width,...) into <out>/throughput.json, which `python -m bnlib study NAME --plan` reads.
 Then the cost of every registered probe (bnlib.probes), in ms per call on the bench model with
 a training batch of 128 (--probe-calls timed calls each after one untimed; 0 skips), so users
 can choose a probe cadence: a probe every k steps adds about ms_per_call / k to each step.
@@ -481,6 +483,32 @@ def summarize(vals: list[float]) -> dict:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
+def throughput_entry(machine: dict, device: torch.device, arch: str, width: float, precision: str,
+                     img_per_s: float, rounds: int) -> dict:
+    import socket
+
+    name = machine["gpu"]["name"] if "gpu" in machine else machine["cpu"]["model_name"]
+    return {"hostname": socket.gethostname(), "device": device.type, "device_name": name, "arch": arch,
+            "width": float(width), "precision": precision, "batch_size": BATCH, "image": "32x32x3",
+            "img_per_s": img_per_s, "rounds": rounds, "threads": torch.get_num_threads(),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_throughput(path: Path, new: list[dict]) -> None:
+    """Merge `new` into the machine-tagged table at `path`: one entry per (hostname, device,
+    arch, width), the newest measurement kept; other machines' entries stay."""
+    try:
+        entries = json.loads(path.read_text()).get("entries", [])
+    except (OSError, ValueError, AttributeError):
+        entries = []
+    key = lambda e: (e.get("hostname"), e.get("device"), e.get("arch"), e.get("width"))  # noqa: E731
+    fresh = {key(e) for e in new}
+    entries = [e for e in entries if key(e) not in fresh] + new
+    path.write_text(json.dumps({"note": "training img/s of bnlib's loop (bnlib.run defaults, batch 128, 32x32 RGB "
+                                        "synthetic images, epoch 2 of a fresh run) per machine and model; read "
+                                        "by `python -m bnlib study NAME --plan`", "entries": entries}, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,7 +531,30 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated subset of {','.join(LOOPS)}")
     ap.add_argument("--probe-calls", type=int, default=3,
                     help="timed calls per registered probe after the loops (0: do not time probes)")
+    ap.add_argument("--archs", default="",
+                    help="also measure bnlib's loop on these models, comma-separated arch:width (e.g. "
+                         "resnet20:0.5,resnet50:1), --repeats fresh runs each (at most 3), for `study --plan`")
+    ap.add_argument("--study", default=None, metavar="NAME[:PRESET]",
+                    help="also measure every arch:width of this study's grid (preset default 'paper'), as --archs")
     a = ap.parse_args(argv)
+    try:
+        extra_models = [(m.split(":")[0].strip(), float(m.split(":")[1])) for m in a.archs.split(",") if m.strip()]
+    except (IndexError, ValueError):
+        ap.error(f"--archs {a.archs!r}: give comma-separated arch:width pairs, e.g. resnet20:0.5,resnet50:1")
+    if a.study:
+        from bnlib.config import RunConfig
+        from bnlib.studies import get_study
+
+        name, _, preset = a.study.partition(":")
+        try:
+            pts = get_study(name).points(preset or "paper")
+        except ValueError as e:
+            ap.error(f"--study {a.study!r}: {e}")
+        d = RunConfig()
+        for pt in pts:
+            m = (pt.get("arch", d.arch), float(pt.get("width", d.width)))
+            if m not in extra_models:
+                extra_models.append(m)
 
     t_all = time.perf_counter()
     if a.threads:
@@ -717,10 +768,25 @@ def main(argv=None) -> int:
     if a.probe_calls > 0:
         print("timing probes ...", flush=True)
         out["probes"] = probe_costs(params, data, device, a.probe_calls)
+    # the throughput table `study --plan` reads: bnlib's loop (its defaults, as a study runs)
+    # per model measured on this machine and device
+    through = []
+    if "bnlib" in med:
+        through.append(throughput_entry(machine, device, "resnet18", width, cfg["precision"], med["bnlib"],
+                                        n_rounds))
+    with tempfile.TemporaryDirectory(prefix="bnlib-bench-") as tmp:
+        for arch, w in extra_models:
+            c = bnlib.validate(params, arch=arch, width=w)
+            vals = [bnlib_epoch(c, False, Path(tmp), f"{arch}-{w}-{r}")["img_per_s"] for r in range(min(3, repeats))]
+            print(f"  {arch} width {w:g}: {statistics.median(vals):.1f} img/s (bnlib, {c['precision']})", flush=True)
+            through.append(throughput_entry(machine, device, arch, w, c["precision"], statistics.median(vals),
+                                            len(vals)))
+    out["throughput"] = through
     out["total_wall_s"] = time.perf_counter() - t_all
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "bench.json").write_text(json.dumps(out, indent=1))
+    write_throughput(outdir / "throughput.json", through)
 
     print(f"\nsummary over {summary_over}")
     print(f"{'loop':<14} {'precision':<9} {'median img/s':>12} {'min':>8} {'max':>8} {'peak MB':>8} {'Δ MB':>6}"

@@ -143,7 +143,8 @@ def test_batch_size_above_training_set_size():
     assert "batch_size=64" in msg and "50" in msg
     assert validate(synthetic_size=1000, val_fraction=0.1, n_train=50, batch_size=50)["batch_size"] == 50
     # CIFAR: 50000-image pool
-    assert validate(dataset="cifar10", batch_size=45000)["batch_size"] == 45000
+    # (a small net: a ResNet18 batch of 45 000 images would not fit in memory, which validate refuses too)
+    assert validate(dataset="cifar10", batch_size=45000, arch="resnet8", width=0.1)["batch_size"] == 45000
     assert "batch_size=45001" in _error(dataset="cifar100", batch_size=45001)
 
 
@@ -261,7 +262,11 @@ def test_validate_property(case):
         for k in unknown:
             assert any(line.startswith(f"unknown parameter {k!r}") for line in lines), (k, msg)
         if not invalid and not unknown:  # only a cross-parameter constraint can fail
-            assert all(line.startswith(("batch_size=", "val_fraction=")) for line in lines), msg
+            # (a norm's options against the run: group_norm's groups vs the net's channel
+            # counts at this arch/width, ghost_bn's virtual batch vs batch_size)
+            # (or the memory estimate: a wide deep net, e.g. resnet152 at width 4, cannot fit)
+            assert all(line.startswith(("batch_size=", "val_fraction=", "norm_groups=", "ghost_batch_size="))
+                       or "would allocate" in line for line in lines), msg
         return
     # accepted: nothing was invalid, and the given values are in the config
     assert not invalid and not unknown, params

@@ -155,7 +155,7 @@ def test_locked_point_in_a_study_is_skipped_not_failed(tmp_path):
 def test_unwritable_outputs_fail_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(ConfigError, match="out_dir=.*not writable"):
+    with pytest.raises(ConfigError, match="out_dir=.*is a file, not a folder"):
         bnlib.run({**TINY, "out_dir": str(blocker / "runs")})
 
 

@@ -25,6 +25,11 @@ class Preset:
     base: dict  # run parameters shared by every grid point
     grid: dict  # axis name -> list of values; the runs are the product of the axes
     derive: Callable[[dict], dict] | None = None  # this preset's own derive (else the study's)
+    # Sub-experiments with different grids (P5: depth x variant, batch size x lr): when given,
+    # the runs are the union over sub-grids of the product of `grid` and that sub-grid (its axes
+    # replace `grid`'s of the same name; a one-value axis fixes a parameter for that sub-grid
+    # only), in order, a point that two sub-grids share counted once.
+    subgrids: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -46,20 +51,23 @@ class Study:
             raise ValueError(f"preset={preset!r} is not defined for study {self.name!r}; "
                              f"valid choices: {sorted(self.presets)}")
         p = self.presets[preset]
-        keys = list(p.grid)
         out = []
-        for values in itertools.product(*(p.grid[k] for k in keys)):
-            point = {**p.base, **dict(zip(keys, values))}
-            if dataset is not None:
-                point["dataset"] = dataset
-            derive = p.derive or self.derive
-            if derive is not None:
-                point.update(derive(point))
-            out.append(point)
+        for grid in ([{**p.grid, **g} for g in p.subgrids] or [p.grid]):
+            keys = list(grid)
+            for values in itertools.product(*(grid[k] for k in keys)):
+                point = {**p.base, **dict(zip(keys, values))}
+                if dataset is not None:
+                    point["dataset"] = dataset
+                derive = p.derive or self.derive
+                if derive is not None:
+                    point.update(derive(point))
+                if not p.subgrids or point not in out:
+                    out.append(point)
         return out
 
     def axes(self, preset: str) -> list[str]:
-        return list(self.presets[preset].grid)
+        p = self.presets[preset]
+        return list(dict.fromkeys([*p.grid, *(k for g in p.subgrids for k in g)]))
 
 
 STUDIES: dict[str, Study] = {}
@@ -83,4 +91,7 @@ def get_study(name: str) -> Study:
 
 # One module per paper; importing it registers its study (order = `study all` order).
 from . import p1  # noqa: E402,F401
+from . import p2  # noqa: E402,F401
+from . import p3  # noqa: E402,F401
 from . import p4  # noqa: E402,F401
+from . import p5  # noqa: E402,F401

@@ -1,0 +1,262 @@
+"""P3 — Awais, Iqbal & Bae 2021, "Revisiting Internal Covariate Shift for Batch Normalization"
+(IEEE TNNLS 32(11)): does internal covariate shift (ICS) matter? The grid and the verdicts.
+
+P3 argues that BN's alternative explanations — it allows large learning rates (Bjorck et al.
+2018), it smooths the loss landscape (Santurkar et al. 2018) — can be had without an accuracy
+gain, while a normalization with every property of BN except the reduction of ICS performs
+poorly: ICS reduction matters. It measures ICS as Santurkar et al. do (their Def. 2.1): the
+change of layer i's weight gradient when only the layers before i take their update, on the
+same batch (ℓ2 distance and cosine). Santurkar et al. read the same measurements the other way:
+BN does not reduce that ICS, BN with injected noise ("noisy BN") trains like BN, and what tracks
+BN's benefit is a smoother landscape (loss and gradient along the gradient direction).
+
+The grid: the same ResNet (CIFAR stem) with each norm of NORMS_P3 — BN, BatchNorm-minus,
+AffineLayer, none, noisy BN, the ICS-free scheme (bnlib.bn_variants.StaleBatchNorm2d: BN
+normalizing with the previous batch's statistics, so it keeps BN's scale control and gradient
+but cannot remove the latest update's shift; bnlib's choice, P3 publishes none), GroupNorm,
+LayerNorm, Batch Renormalization and ghost BN — × one log sweep of learning rates shared by
+every arm (each arm's largest stable rate is read off it; each arm is compared at its own rate
+chosen on validation) × seeds. Every run records the `ics` probe on a subset of conv layers and
+the `landscape` probe (bnlib.probes) at init, at chosen early steps and at every epoch end.
+
+The verdict (P3's claim against Santurkar's, across arms, each at its validated rate): Spearman
+rank correlations between the arms' accuracy and their ICS, β-smoothness and largest stable
+learning rate, with bootstrap intervals over arms and seeds (bnlib.stats.rank_correlation).
+
+bnlib's choices (the paper publishes no code or recipe): the ICS summary of a run is the mean,
+over its probed layers and times, of the relative ℓ2 ICS ‖G − G'‖/‖G‖ (scale-free: arms differ
+in gradient scale by orders of magnitude, which the raw ℓ2 would rank instead of ICS); its
+smoothness is the median over probe times of the effective β-smoothness; SGD momentum 0.9, weight
+decay 5e-4 on conv/linear weights, cosine schedule.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+
+from .. import stats
+from . import Preset, Study, register_study
+from .p4 import largest_stable_lr  # P4's definition of a stable rate, shared, not restated
+
+ARMS = ["bn", "bn_minus", "affine", "none", "noisy_bn", "ics_free", "group_norm", "layer_norm", "batch_renorm",
+        "ghost_bn"]
+PROBES = ["ics", "landscape"]
+METRIC = "test_acc_at_best_val"
+CHANCE = 0.1  # Fashion-MNIST and CIFAR-10: 10 classes
+SIMILAR = 0.02  # "trains nearly like BN" (bnlib's operationalization): within 2 accuracy points
+# ResNet-18's 20 convs (bnlib.models.conv_layers): one in each stage (each stage's first block's
+# second conv, whose input also depends on its own block's first conv) and the last one
+ICS_LAYERS = [2, 6, 11, 16, 19]
+QUICK_LRS = [0.01, 0.05, 0.25]  # ×5 steps: brackets the arms' optima at batch 64 (P1's ladders) and the
+# unnormalized arms' limit
+PAPER_LRS = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+
+
+# What each preset can and cannot show (printed by the notebook next to the verdicts).
+PRESET_NOTES = {
+    "quick": "quick preset: Fashion-MNIST (real images), ResNet18 (CIFAR stem) at width 1/8, a 2 560-image training "
+             "set, 2 epochs at batch 64, 3 learning rates shared by the 10 arms, 3 matched seeds; ICS on 5 of the 20 "
+             "convs and the landscape at init, step 10 and each epoch end. It can show whether the arms differ "
+             "in accuracy, ICS, smoothness and stable learning rate, and the sign of their rank correlations when it "
+             "is strong. It cannot show long-run accuracies, CIFAR-10 numbers, or ICS late in a long training; with "
+             "10 arms and 3 seeds a rank correlation's interval is wide: 'inconclusive' is the expected verdict "
+             "unless the association is strong. Run --preset paper for those.",
+    "paper": "paper preset: CIFAR-10, ResNet18 (CIFAR stem) at full width, 60 epochs, 6 learning rates shared by the "
+             "10 arms, 3 seeds, ICS and landscape every 200 steps (bnlib's protocol: the paper publishes none).",
+}
+
+
+def _derive(point: dict) -> dict:
+    # ghost BN: 4 virtual batches per step (Hoffer et al. 2017 split large batches into small ones);
+    # the option only exists for its own arm, so the other arms' runs stay what they are
+    return {"ghost_batch_size": point["batch_size"] // 4} if point["norm"] == "ghost_bn" else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# tables the notebook and the verdicts share
+# ----------------------------------------------------------------------------------------------
+
+def accuracy(runs: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs with `acc` = METRIC; a diverged run keeps what it reached before diverging,
+    or chance when it never had a finite validation accuracy (diverged runs are results)."""
+    fin = runs[runs["status"].isin(["completed", "diverged"])].copy()
+    acc = fin[METRIC] if METRIC in fin else pd.Series(np.nan, index=fin.index)
+    fin["acc"] = acc.where(acc.notna() | ~fin["status"].eq("diverged"), CHANCE)
+    fin["stable"] = fin["status"].eq("completed")
+    return fin
+
+
+def probe_summary(probes: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: `ics` = mean over probed layers and times of ‖G − G'‖/‖G‖ (layers with a
+    zero gradient left out), `ics_cos` = the mean of 1 − cos(G, G'), `ics_l2` = the mean raw ℓ2,
+    `beta` = median over probe times of log10 of the effective β-smoothness, `grad_pred` =
+    median of grad_diff_max/‖g‖ (the gradient's change along the step relative to its size:
+    lower = more predictive), `loss_range` = median of loss_max − loss_min."""
+    cols = ["run_id", "ics", "ics_cos", "ics_l2", "beta", "grad_pred", "loss_range"]
+    if probes is None or probes.empty:
+        return pd.DataFrame(columns=cols)
+    ics = probes[probes["probe"] == "ics"].pivot_table(index=["run_id", "step", "depth"], columns="quantity",
+                                                       values="value")
+    out = pd.DataFrame(index=pd.Index(sorted(set(probes["run_id"])), name="run_id"))
+    if {"l2", "cos", "grad_norm"} <= set(ics.columns):
+        ok = ics[ics["grad_norm"] > 0]
+        g = ok.assign(rel=ok["l2"] / ok["grad_norm"], one_minus_cos=1 - ok["cos"]).groupby("run_id")
+        out = out.join(pd.DataFrame({"ics": g["rel"].mean(), "ics_cos": g["one_minus_cos"].mean(),
+                                     "ics_l2": g["l2"].mean()}))
+    land = probes[(probes["probe"] == "landscape") & probes["x"].isna()].pivot_table(
+        index=["run_id", "step"], columns="quantity", values="value")
+    if {"beta_smoothness", "grad_diff_max", "grad_norm", "loss_max", "loss_min"} <= set(land.columns):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            land = land.assign(beta=np.log10(land["beta_smoothness"]), grad_pred=land["grad_diff_max"] / land["grad_norm"],
+                               loss_range=land["loss_max"] - land["loss_min"])
+        out = out.join(land.groupby("run_id")[["beta", "grad_pred", "loss_range"]].median())
+    return out.reindex(columns=cols[1:]).reset_index()
+
+
+def per_run(runs) -> pd.DataFrame:
+    """Every finished run with its accuracy, probe summary and its (arm, seed)'s largest stable
+    learning rate (`lr_star`, P4's definition over the shared sweep)."""
+    r = runs.runs if hasattr(runs, "runs") else runs
+    probes = getattr(runs, "probes", None)
+    d = accuracy(r).merge(probe_summary(probes), on="run_id", how="left")
+    ls = largest_stable_lr(r)[["norm", "seed", "lr_star", "at_top"]]
+    return d.merge(ls, on=["norm", "seed"], how="left")
+
+
+def selected(runs) -> pd.DataFrame:
+    """One row per (arm, seed) at the arm's learning rate chosen on validation (mean over seeds;
+    never a rate where it diverged while another trains: bnlib.stats.select_lr)."""
+    d = per_run(runs)
+    return stats.at_selected_lr(d, ["norm"])
+
+
+def arm_table(sel: pd.DataFrame) -> pd.DataFrame:
+    """Per arm at its chosen rate: accuracy, ICS, smoothness, largest stable rate (means over seeds)."""
+    cols = ["lr", "acc", "ics", "ics_cos", "beta", "grad_pred", "lr_star"]
+    return sel.groupby("norm")[[c for c in cols if c in sel]].mean().sort_values("acc", ascending=False)
+
+
+def correlations(sel: pd.DataFrame) -> pd.DataFrame:
+    """Spearman ρ of each measure with accuracy across arms (bootstrap over arms and seeds)."""
+    rows = []
+    for x, expect in (("ics", "−: P3"), ("ics_cos", "−: P3"), ("beta", "−: Santurkar"), ("grad_pred", "−: Santurkar"),
+                      ("lr_star", "+: Santurkar / P4")):
+        if x in sel and sel[x].notna().any():
+            e = stats.rank_correlation(sel, x, "acc", unit="norm", replicate="seed")
+            rows.append({"measure": x, "expected sign": expect, "rho": e.mean, "ci_low": e.lo, "ci_high": e.hi,
+                         "p": e.p, "arms": e.n})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# verdicts
+# ----------------------------------------------------------------------------------------------
+
+MIN_ARMS = 5  # fewer arms cannot rank anything
+
+
+def verdicts(runs) -> list[stats.Verdict]:
+    """P3's claims, and Santurkar et al.'s counter-claims, decided from the runs (a bnlib.Runs
+    with its probes table), every arm at its own learning rate chosen on validation:
+
+    0. reference: BN learns (beats chance) and beats no normalization (paired over seeds) — the
+       arms differ, so there is something to explain;
+    1. P3: across arms, less ICS goes with higher accuracy — Spearman ρ(ICS, accuracy) < 0;
+    2. Santurkar: β-smoothness tracks accuracy better than ICS does — −ρ(β, acc) − (−ρ(ICS, acc))
+       > 0 (each measure in the direction its side predicts; same bootstrap resamples);
+    3. Santurkar / P4: the largest stable learning rate tracks accuracy better than ICS does —
+       ρ(lr*, acc) − (−ρ(ICS, acc)) > 0;
+    4. P3: the ICS-free scheme, which has more ICS than BN, is less accurate than BN (both parts
+       paired over seeds: the manipulation check on ICS, then accuracy);
+    5. Santurkar: noisy BN trains nearly like BN (|accuracy difference| < SIMILAR, equivalence).
+    The rank correlations' intervals resample arms and seeds (bnlib.stats.rank_correlation).
+    """
+    r = runs.runs if hasattr(runs, "runs") else runs
+    if r.empty or "norm" not in r or not {"bn", "none"} <= set(r["norm"]):
+        return [stats.Verdict("p3", "Less ICS goes with higher accuracy across arms", "inconclusive",
+                              "Less ICS goes with higher accuracy across arms: INCONCLUSIVE — needs finished runs "
+                              "of bn and none.", [], ["no runs of bn and none"])]
+    sel = selected(runs)
+    have = set(sel["norm"])
+    bn_ok, bn_why = stats.beats_chance(sel.loc[sel["norm"] == "bn", "acc"], CHANCE)
+    e0 = stats.paired_effect(sel, "norm", "bn", "none", "acc", ["seed"], alternative="greater")
+    v0 = stats.decide("p3", "Reference: BN learns and beats no normalization (each at its validated rate)", e0,
+                      guards=[(bn_ok, f"the BN arm does not clearly learn ({bn_why})")],
+                      what="test accuracy difference")
+    out = [v0]
+    learn = [(bn_ok, f"the BN arm does not clearly learn ({bn_why})"),
+             (v0.outcome == "supported", "BN does not clearly beat no normalization here, so the arms may not differ "
+                                         "enough to rank")]
+    n_arms = sel.dropna(subset=["ics"]).groupby("norm").size().size if "ics" in sel else 0
+    corr_guards = learn + [(n_arms >= MIN_ARMS, f"only {n_arms} arms have ICS measurements (need >= {MIN_ARMS})")]
+    if "ics" not in sel or sel["ics"].isna().all():
+        out.append(stats.Verdict("p3", "P3: across arms, less ICS goes with higher accuracy", "inconclusive",
+                                 "P3: across arms, less ICS goes with higher accuracy: INCONCLUSIVE — no ics probe "
+                                 "rows in these runs.", [], ["no probe rows"]))
+        return out
+    e1 = stats.rank_correlation(sel, "ics", "acc", unit="norm", replicate="seed", alternative="less")
+    out.append(stats.decide("p3", "P3: across arms, less ICS goes with higher accuracy", e1, direction="less",
+                            guards=corr_guards, min_pairs=MIN_ARMS,
+                            what="rank correlation of relative ℓ2 ICS with test accuracy over arms (n = arms)"))
+    e2 = stats.rank_correlation_difference(sel, "beta", "ics", "acc", unit="norm", replicate="seed",
+                                           sign_a=-1, sign_b=-1)
+    out.append(stats.decide("p3", "Santurkar: β-smoothness tracks accuracy better than ICS does", e2,
+                            guards=corr_guards, min_pairs=MIN_ARMS,
+                            what="difference of rank correlations with accuracy, each signed as its side predicts"))
+    e3 = stats.rank_correlation_difference(sel, "lr_star", "ics", "acc", unit="norm", replicate="seed",
+                                           sign_a=1, sign_b=-1)
+    top = sel.loc[sel["at_top"].fillna(False).astype(bool), "norm"].nunique()
+    v3 = stats.decide("p3", "Santurkar / P4: the largest stable learning rate tracks accuracy better than ICS does",
+                      e3, guards=corr_guards, min_pairs=MIN_ARMS,
+                      what="difference of rank correlations with accuracy, each signed as its side predicts")
+    if top:
+        v3.sentence += (f" Caveat: {top} arm(s) were stable at the top of the sweep in some seed, so their largest "
+                        f"stable rate is a lower bound (tied at the top).")
+    out.append(v3)
+    if "ics_free" in have:
+        m = stats.paired_effect(sel, "norm", "ics_free", "bn", "ics", ["seed"], alternative="greater")
+        a = stats.paired_effect(sel, "norm", "bn", "ics_free", "acc", ["seed"], alternative="greater")
+        parts = [stats.decide("p3", "the ICS-free scheme has more ICS than BN", m, guards=learn[:1],
+                              what="relative ℓ2 ICS difference"),
+                 stats.decide("p3", "BN is more accurate than the ICS-free scheme", a, guards=learn[:1],
+                              what="test accuracy difference")]
+        out.append(stats.all_of("p3", "P3: the ICS-free scheme (BN without ICS reduction) is less accurate than BN",
+                                parts))
+    if "noisy_bn" in have:
+        e5 = stats.paired_effect(sel, "norm", "noisy_bn", "bn", "acc", ["seed"], alternative="two-sided")
+        out.append(stats.decide_margin("p3", f"Santurkar: noisy BN trains nearly like BN (|difference| < {SIMILAR:g})",
+                                       e5, SIMILAR, guards=learn[:1], what="test accuracy difference"))
+    return out
+
+
+register_study(Study(
+    name="p3",
+    title="P3 · does internal covariate shift matter? (Awais et al. 2021)",
+    notebook="studies/p3_ics.ipynb",
+    doc="bn / bn_minus / affine / none / noisy_bn / ics_free / group_norm / layer_norm / batch_renorm / ghost_bn "
+        "on one ResNet over a shared learning-rate sweep, with Santurkar et al.'s ICS and landscape probes; "
+        "verdict: across arms, does less ICS go with higher accuracy, or do smoothness and the largest stable "
+        "learning rate track it better?",
+    derive=_derive,
+    verdicts=verdicts,
+    presets={
+        # Fashion-MNIST, ResNet18 at width 1/8 on 2 560 training images for 2 epochs at batch 64
+        # (80 steps), no crop (it slows a 2-epoch run more than it regularizes): the arms reach
+        # clearly different accuracies (none and affine train much worse at BN's rates), small
+        # enough for ~6 min on 2 cores with the probes (measured: README, P3). ICS on 5 of the
+        # 20 convs and the landscape: ~11 fp32 forward-backward passes per probe time, at init,
+        # step 10 (early training, where the arms differ most) and each epoch end.
+        "quick": Preset(
+            base=dict(dataset="fashion_mnist", n_train=2560, val_fraction=0.02, n_test=1000, arch="resnet18",
+                      width=0.125, epochs=2, batch_size=64, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                      crop_pad=0, log_every=5, eval_batch_size=500, bn_eval_stats="precise", precise_batches=8,
+                      probes=PROBES, probe_steps=[10], probe_ics_layers=ICS_LAYERS),
+            grid=dict(norm=ARMS, lr=QUICK_LRS, seed=[0, 1, 2])),
+        "paper": Preset(
+            base=dict(dataset="cifar10", arch="resnet18", width=1.0, epochs=60, batch_size=128, momentum=0.9,
+                      weight_decay=5e-4, schedule="cosine", n_train=None, n_test=None, probes=PROBES,
+                      probe_every=200, probe_ics_layers=ICS_LAYERS),
+            grid=dict(norm=ARMS, lr=PAPER_LRS, seed=[0, 1, 2])),
+    },
+))
