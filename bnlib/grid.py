@@ -299,8 +299,12 @@ def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str]
         before = rd.status()
         if (before or {}).get("status") in FINISHED and not rd.verify():  # finished elsewhere meanwhile
             return {**res, "status": "skipped"}
-        if rd.locked("run"):  # a live `bnlib run` of the same parameters outside this study
-            return {**res, "status": "locked"}
+        # a live `bnlib run` of the same parameters outside this study (with `wait`, until it lets
+        # go: e.g. the kernel of a worker that was just killed, whose lock the OS has not yet freed)
+        while rd.locked("run"):
+            if not wait:
+                return {**res, "status": "locked"}
+            time.sleep(1.0)
         try:
             execute_notebook(NOTEBOOKS / "run.ipynb", rd.path / "run.ipynb", item["params"], km=_point_kernel())
         except Exception as e:  # noqa: BLE001 — papermill errors, a dead kernel, ...

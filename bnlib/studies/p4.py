@@ -22,7 +22,6 @@ bnlib.train's rule (non-finite, blow-up, or still far above chance loss after it
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -105,37 +104,6 @@ def divergence_step_size(probes: pd.DataFrame, step: int = 0) -> pd.DataFrame:
 # verdicts
 # ----------------------------------------------------------------------------------------------
 
-def _equivalence(claim: str, e: stats.Effect, margin: float, guards, min_pairs: int = 3) -> stats.Verdict:
-    """Supported when the whole 95% interval of the difference lies within ±margin,
-    contradicted when it lies wholly outside, inconclusive otherwise or when a guard fails."""
-    reasons = [why for ok, why in guards if not ok]
-    if e.n < min_pairs:
-        reasons.append(f"only {e.n} matched pairs (need >= {min_pairs})")
-    if reasons or not (math.isfinite(e.lo) and math.isfinite(e.hi)):
-        outcome = "inconclusive"
-        reasons = reasons or ["no confidence interval"]
-    elif -margin < e.lo and e.hi < margin:
-        outcome = "supported"
-    elif e.lo > margin or e.hi < -margin:
-        outcome = "contradicted"
-    else:
-        outcome = "inconclusive"
-        reasons.append(f"the 95% interval reaches beyond ±{margin:g}")
-    sentence = f"{claim}: {outcome.upper()} by these runs — {e.text()}"
-    return stats.Verdict("p4", claim, outcome, sentence + ("; " + "; ".join(reasons) if reasons else "") + ".",
-                         [asdict(e)], reasons)
-
-
-def _both(claim: str, parts: list[stats.Verdict]) -> stats.Verdict:
-    """A claim made of parts: supported when every part is, contradicted when any part is."""
-    outs = [v.outcome for v in parts]
-    outcome = ("contradicted" if "contradicted" in outs else "supported" if set(outs) == {"supported"}
-               else "inconclusive")
-    reasons = [f"{v.claim}: {v.outcome}" for v in parts if v.outcome != outcome]
-    sentence = f"{claim}: {outcome.upper()} by these runs — " + " ".join(v.sentence for v in parts)
-    return stats.Verdict("p4", claim, outcome, sentence, [e for v in parts for e in v.effects], reasons)
-
-
 def verdicts(runs) -> list[stats.Verdict]:
     """P4's claims decided from the runs (a bnlib.Runs; its `probes` table for claim 4):
 
@@ -180,14 +148,14 @@ def verdicts(runs) -> list[stats.Verdict]:
     learn = [(stats.beats_chance(at.loc[at["arm"] == f"{n}@{small:g}", "acc"], CHANCE)[0],
               f"{n} does not clearly learn at lr={small:g} in this budget, so 'similar accuracy' there says nothing")
              for n in ARMS]
-    v_small = _equivalence(f"At lr={small:g} BN and no BN reach similar accuracy (|difference| < {SIMILAR:g})",
-                           e_small, SIMILAR, ref + learn)
+    v_small = stats.decide_margin("p4", f"At lr={small:g} BN and no BN reach similar accuracy "
+                                        f"(|difference| < {SIMILAR:g})", e_small, SIMILAR, ref + learn)
     e_int = stats.contrast_effect(at, "arm", {f"bn@{large:g}": 1, f"none@{large:g}": -1, f"bn@{small:g}": -1,
                                               f"none@{small:g}": 1}, "acc", ["seed"],
                                   name=f"(bn − none)@{large:g} − (bn − none)@{small:g}")
     v_int = stats.decide("p4", f"BN's accuracy advantage is larger at lr={large:g} than at lr={small:g}", e_int,
                          guards=ref, what="test accuracy interaction")
-    out.append(_both("BN's accuracy advantage is confined to large learning rates", [v_small, v_int]))
+    out.append(stats.all_of("p4", "BN's accuracy advantage is confined to large learning rates", [v_small, v_int]))
 
     probes = getattr(runs, "probes", None)
     if probes is None or probes.empty:
