@@ -193,6 +193,18 @@ def test_verdicts_are_inconclusive_when_the_runs_cannot_carry_them():
     assert only_depth[-1].outcome == "inconclusive" and "needs batch-size-study runs" in only_depth[-1].sentence
 
 
+def test_an_ablation_with_too_few_seeds_is_left_to_the_table_not_claimed():
+    # the quick preset runs fixed α = 1/√2 at depth 1000 with 1 seed: no paired claim rests on it
+    vs = {v.claim: v for v in p5.verdicts(_runs(_p5_depth, _p5_batch))}
+    v = vs["SkipInit trains the depth-1000 net where α = 1 does not"]
+    assert v.outcome == "supported" and "Not tested" in v.sentence and "fixed α = 1/√2 (1 seed)" in v.sentence
+    assert len(v.effects) == 1 and "n=3 matched pairs" in v.sentence
+    # when every seed fails, SkipInit vs α = 1 is no longer supported
+    fail = p5.verdicts(_runs(lambda v, d, lr: None if v == "skipinit" and d == 1000 else _p5_depth(v, d, lr),
+                             _p5_batch))
+    assert {x.claim: x.outcome for x in fail}["SkipInit trains the depth-1000 net where α = 1 does not"] != "supported"
+
+
 def test_a_choice_at_the_end_of_the_grid_is_said():
     def batch(v, b, lr):  # SkipInit's best rate lies below the grid at batch 256
         return _p5_batch(v, b, lr) + (0.05 * math.log2(b / 128 * 2 ** -5 / lr) if v == "skipinit" and b == 256 else 0)
