@@ -47,12 +47,13 @@ class Effect:
     alternative: str = "two-sided"
     a_mean: float = math.nan
     b_mean: float = math.nan
+    n_unit: str = "matched pairs"  # what n counts (rank correlations: the units ranked, e.g. arms)
 
     def text(self, unit: str = "", pct: bool = False) -> str:
         f = (lambda v: f"{100 * v:+.1f}%") if pct else (lambda v: f"{v:+.3f}{unit}")
         ci = f"[{f(self.lo)}, {f(self.hi)}]" if math.isfinite(self.lo) else "[no interval: n < 2]"
         p = f"p={self.p:.2g}" if math.isfinite(self.p) else "p n/a"
-        return f"{self.name} {f(self.mean)} (95% CI {ci}, {p}, n={self.n} matched pairs)"
+        return f"{self.name} {f(self.mean)} (95% CI {ci}, {p}, n={self.n} {self.n_unit})"
 
 
 @dataclass
@@ -229,15 +230,16 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(ok & (den > 0), r, np.nan)
 
 
-def _boot_effect(name: str, point: float, boots: np.ndarray, n: int, alternative: str, level: float) -> Effect:
+def _boot_effect(name: str, point: float, boots: np.ndarray, n: int, alternative: str, level: float,
+                 n_unit: str = "matched pairs") -> Effect:
     boots = boots[np.isfinite(boots)]
     if len(boots) < 100 or not math.isfinite(point):
-        return Effect(name, point, math.nan, math.nan, math.nan, n, alternative)
+        return Effect(name, point, math.nan, math.nan, math.nan, n, alternative, n_unit=n_unit)
     lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
     # bootstrap p-value: the share of resamples on the far side of 0 (+1 smoothing)
     below, above = (np.sum(boots <= 0) + 1) / (len(boots) + 1), (np.sum(boots >= 0) + 1) / (len(boots) + 1)
     p = below if alternative == "greater" else above if alternative == "less" else min(1.0, 2 * min(below, above))
-    return Effect(name, float(point), float(lo), float(hi), float(p), n, alternative)
+    return Effect(name, float(point), float(lo), float(hi), float(p), n, alternative, n_unit=n_unit)
 
 
 def rank_correlation(table: pd.DataFrame, x: str, y: str, unit: str, replicate: str | None = None,
@@ -250,7 +252,8 @@ def rank_correlation(table: pd.DataFrame, x: str, y: str, unit: str, replicate: 
     information there is."""
     point, boots, n = _unit_means_boot(table, [x, y], unit, replicate, n_boot, seed)
     rho = float(_spearman_rows(point[x], point[y])[0]) if n >= 3 else math.nan
-    return _boot_effect(f"Spearman ρ({x}, {y})", rho, _spearman_rows(boots[x], boots[y]), n, alternative, level)
+    return _boot_effect(f"Spearman ρ({x}, {y})", rho, _spearman_rows(boots[x], boots[y]), n, alternative, level,
+                        n_unit=f"{unit} values ranked")
 
 
 def rank_correlation_difference(table: pd.DataFrame, a: str, b: str, y: str, unit: str,
@@ -265,7 +268,7 @@ def rank_correlation_difference(table: pd.DataFrame, a: str, b: str, y: str, uni
         if n >= 3 else math.nan
     db = sign_a * _spearman_rows(boots[a], boots[y]) - sign_b * _spearman_rows(boots[b], boots[y])
     name = f"{'' if sign_a > 0 else '−'}ρ({a}, {y}) {'−' if sign_b > 0 else '+'} ρ({b}, {y})"
-    return _boot_effect(name, float(d), db, n, alternative, level)
+    return _boot_effect(name, float(d), db, n, alternative, level, n_unit=f"{unit} values ranked")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -359,17 +359,21 @@ def test_p3_grid_is_one_network_and_every_run_probes_ics_and_landscape():
     for preset in ("quick", "paper"):
         pts = s.points(preset)
         assert {p["norm"] for p in pts} == set(p3.ARMS) and set(p3.ARMS) <= set(norm_names())
+        layers = p3.QUICK_ICS_LAYERS if preset == "quick" else p3.ICS_LAYERS
         for p in pts:
-            assert p["probes"] == ["ics", "landscape"] and p["probe_ics_layers"] == p3.ICS_LAYERS
+            assert p["probes"] == ["ics", "landscape"] and p["probe_ics_layers"] == layers
             assert ("ghost_batch_size" in p) == (p["norm"] == "ghost_bn")
-        shared = [{k: v for k, v in p.items() if k not in ("norm", "ghost_batch_size")} for p in pts]
+            assert p["lr"] in p3.LR_LADDERS[preset][p["norm"]]  # each arm on its own ladder
+        for arm in p3.ARMS:  # every rung of every arm's ladder is run
+            assert {p["lr"] for p in pts if p["norm"] == arm} == set(p3.LR_LADDERS[preset][arm])
+        shared = [{k: v for k, v in p.items() if k not in ("norm", "ghost_batch_size", "lr")} for p in pts]
         by_arm = {}
         for p, rest in zip(pts, shared):
             by_arm.setdefault(p["norm"], []).append(rest)
         first = by_arm[p3.ARMS[0]]
-        assert all(v == first for v in by_arm.values())  # every arm: the same points except the norm
+        assert all(v == first for v in by_arm.values())  # every arm: the same points except norm and lr
     quick = s.points("quick")
-    assert len(quick) == len(p3.ARMS) * len(p3.QUICK_LRS) * 3
+    assert len(quick) == len(p3.ARMS) * 3 * 3
     for p in quick:
         bnlib.validate(p)
     n = len(conv_layers(build_model(bnlib.validate(quick[0]))))

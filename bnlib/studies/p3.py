@@ -14,10 +14,10 @@ The grid: the same ResNet (CIFAR stem) with each norm of NORMS_P3 — BN, BatchN
 AffineLayer, none, noisy BN, the ICS-free scheme (bnlib.bn_variants.StaleBatchNorm2d: BN
 normalizing with the previous batch's statistics, so it keeps BN's scale control and gradient
 but cannot remove the latest update's shift; bnlib's choice, P3 publishes none), GroupNorm,
-LayerNorm, Batch Renormalization and ghost BN — × one log sweep of learning rates shared by
-every arm (each arm's largest stable rate is read off it; each arm is compared at its own rate
-chosen on validation) × seeds. Every run records the `ics` probe on a subset of conv layers and
-the `landscape` probe (bnlib.probes) at init, at chosen early steps and at every epoch end.
+LayerNorm, Batch Renormalization and ghost BN — × each arm's own log ladder of learning rates
+(LR_LADDERS: its largest stable rate is read off it, censored at the ladder's ends; each arm is
+compared at its own rate chosen on validation) × seeds. Every run records the `ics` probe on a
+subset of conv layers and the `landscape` probe (bnlib.probes) at init and every epoch end.
 
 The verdict (P3's claim against Santurkar's, across arms, each at its validated rate): Spearman
 rank correlations between the arms' accuracy and their ICS, β-smoothness and largest stable
@@ -48,23 +48,51 @@ SIMILAR = 0.02  # "trains nearly like BN" (bnlib's operationalization): within 2
 # ResNet-18's 20 convs (bnlib.models.conv_layers): one in each stage (each stage's first block's
 # second conv, whose input also depends on its own block's first conv) and the last one
 ICS_LAYERS = [2, 6, 11, 16, 19]
-QUICK_LRS = [0.01, 0.05, 0.25]  # ×5 steps: brackets the arms' optima at batch 64 (P1's ladders) and the
-# unnormalized arms' limit
-PAPER_LRS = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
+QUICK_ICS_LAYERS = [6, 11, 16]  # quick preset: one conv in each of the stages 2-4 (probe cost)
+# Each arm's learning-rate ladder (the lr itself at the preset's batch size; the grid axis
+# `lr_rung` indexes it), as P1 does (bnlib.studies.p1.LR_LADDERS): one shared sweep put some
+# arm's optimum off its end (the first quick run, one sweep {0.01, 0.05, 0.25} for all: affine
+# and none sat at chance at every rate). Guide: P1's quick ladders at batch 64 (bn/bn_minus
+# 0.02-0.32, affine/none 0.0025-0.04); BN-like variants share BN's; GroupNorm/LayerNorm one rung
+# lower (the first run: best at or below 0.05); affine/none around 0.02 (64 constant-rate steps
+# measured: loss 2.25 at 0.004, 1.94 at 0.016, 2.07 at 0.032, stuck at 2.30 at 0.064); ics_free
+# low, to give it every chance (it diverged at every rate of the first run, and at 1e-5 too:
+# bnlib.bn_variants.StaleBatchNorm2d). bnlib's choice, not the paper's.
+_BN_LIKE = (0.02, 0.08, 0.32)
+LR_LADDERS = {
+    "quick": {"bn": _BN_LIKE, "bn_minus": _BN_LIKE, "noisy_bn": _BN_LIKE, "batch_renorm": _BN_LIKE,
+              "ghost_bn": _BN_LIKE, "group_norm": (0.01, 0.04, 0.16), "layer_norm": (0.01, 0.04, 0.16),
+              "affine": (0.008, 0.02, 0.05), "none": (0.008, 0.02, 0.05), "ics_free": (0.0005, 0.004, 0.032)},
+    "paper": {**{a: (0.01, 0.03, 0.1, 0.3, 1.0) for a in ARMS},
+              "affine": (0.001, 0.003, 0.01, 0.03, 0.1), "none": (0.001, 0.003, 0.01, 0.03, 0.1),
+              "ics_free": (0.0003, 0.001, 0.003, 0.01, 0.03)},
+}
+CENSORED_MAX = 0.5  # lr* verdict: inconclusive when more than this share of arms has a censored lr*
 
 
 # What each preset can and cannot show (printed by the notebook next to the verdicts).
 PRESET_NOTES = {
-    "quick": "quick preset: Fashion-MNIST (real images), ResNet18 (CIFAR stem) at width 1/8, a 2 560-image training "
-             "set, 2 epochs at batch 64, 3 learning rates shared by the 10 arms, 3 matched seeds; ICS on 5 of the 20 "
-             "convs and the landscape at init, step 10 and each epoch end. It can show whether the arms differ "
-             "in accuracy, ICS, smoothness and stable learning rate, and the sign of their rank correlations when it "
-             "is strong. It cannot show long-run accuracies, CIFAR-10 numbers, or ICS late in a long training; with "
-             "10 arms and 3 seeds a rank correlation's interval is wide: 'inconclusive' is the expected verdict "
-             "unless the association is strong. Run --preset paper for those.",
-    "paper": "paper preset: CIFAR-10, ResNet18 (CIFAR stem) at full width, 60 epochs, 6 learning rates shared by the "
-             "10 arms, 3 seeds, ICS and landscape every 200 steps (bnlib's protocol: the paper publishes none).",
+    "quick": "quick preset: Fashion-MNIST (real images), ResNet18 (CIFAR stem) at width 1/8, a 2 048-image training "
+             "set, 2 epochs at batch 64, 3 learning rates per arm on its own ladder (LR_LADDERS), 3 matched seeds; "
+             "ICS on 3 of the 20 convs and the landscape at init and each epoch end. It can show whether the arms "
+             "differ in accuracy, ICS and smoothness, and the sign of their rank correlations when it is strong. "
+             "It cannot show long-run accuracies, CIFAR-10 numbers, or ICS late in a long training; its 3-rung "
+             "ladders do not reach divergence for most normalized arms, so their largest stable rate is censored "
+             "(the lr* verdict then says inconclusive); the ICS-free scheme diverges at every rate (an instability "
+             "of stale statistics through depth), so it cannot test P3's claim here; in the measured run none and affine stayed at chance on their ladders "
+             "(64 steps are too few for an unnormalized ResNet-18 at these rates). With 10 arms and 3 seeds a "
+             "rank correlation's interval is wide: 'inconclusive' is the expected verdict unless the association "
+             "is strong. Run --preset paper for more.",
+    "paper": "paper preset: CIFAR-10, ResNet18 (CIFAR stem) at full width, 60 epochs, 5 learning rates per arm "
+             "(LR_LADDERS), 3 seeds, ICS and landscape every 200 steps (bnlib's protocol: the paper publishes none).",
 }
+
+
+def _ladder_derive(ladders: dict):
+    def derive(point: dict) -> dict:
+        out = {"lr": ladders[point["norm"]][point.pop("lr_rung")]} if "lr_rung" in point else {}
+        return {**out, **_derive(point)}
+    return derive
 
 
 def _derive(point: dict) -> dict:
@@ -116,7 +144,7 @@ def probe_summary(probes: pd.DataFrame) -> pd.DataFrame:
 
 def per_run(runs) -> pd.DataFrame:
     """Every finished run with its accuracy, probe summary and its (arm, seed)'s largest stable
-    learning rate (`lr_star`, P4's definition over the shared sweep)."""
+    learning rate (`lr_star`, P4's definition over the arm's ladder)."""
     r = runs.runs if hasattr(runs, "runs") else runs
     probes = getattr(runs, "probes", None)
     d = accuracy(r).merge(probe_summary(probes), on="run_id", how="left")
@@ -206,20 +234,35 @@ def verdicts(runs) -> list[stats.Verdict]:
                             what="difference of rank correlations with accuracy, each signed as its side predicts"))
     e3 = stats.rank_correlation_difference(sel, "lr_star", "ics", "acc", unit="norm", replicate="seed",
                                            sign_a=1, sign_b=-1)
-    top = sel.loc[sel["at_top"].fillna(False).astype(bool), "norm"].nunique()
+    # lr* is censored for an arm stable at the top of its ladder in some seed (a lower bound) or
+    # diverged at its lowest rate (an upper bound, lr* NaN): ranks of censored values are not ranks
+    ls = largest_stable_lr(r)
+    cens = ls.assign(c=ls["at_top"].fillna(False).astype(bool) | ls["lr_star"].isna()).groupby("norm")["c"].any()
+    n_cens, n_ls = int(cens.sum()), int(cens.size)
     v3 = stats.decide("p3", "Santurkar / P4: the largest stable learning rate tracks accuracy better than ICS does",
-                      e3, guards=corr_guards, min_pairs=MIN_ARMS,
+                      e3, guards=corr_guards + [(n_cens <= CENSORED_MAX * n_ls,
+                                                 f"{n_cens} of {n_ls} arms have a censored largest stable rate "
+                                                 f"(stable at the top of their ladder, or diverged at its bottom: "
+                                                 f"{', '.join(sorted(cens[cens].index))}), so their lr* are bounds, "
+                                                 f"not values to rank")],
+                      min_pairs=MIN_ARMS,
                       what="difference of rank correlations with accuracy, each signed as its side predicts")
-    if top:
-        v3.sentence += (f" Caveat: {top} arm(s) were stable at the top of the sweep in some seed, so their largest "
-                        f"stable rate is a lower bound (tied at the top).")
+    if 0 < n_cens <= CENSORED_MAX * n_ls:
+        v3.sentence += (f" Caveat: {n_cens} arm(s) have a censored largest stable rate (a bound, tied at the "
+                        f"end of their ladder).")
     out.append(v3)
     if "ics_free" in have:
+        fr = sel.loc[sel["norm"] == "ics_free", "stable"]
+        trains = (bool(fr.mean() >= 0.5),
+                  f"the ICS-free scheme diverged in {int((~fr).sum())} of {len(fr)} seeds at its chosen rate (it "
+                  f"diverges at every rate of its ladder: repeated time differencing of its stale statistics "
+                  f"through depth, bnlib.bn_variants.StaleBatchNorm2d), so its accuracy measures that "
+                  f"instability, not the absence of ICS reduction")
         m = stats.paired_effect(sel, "norm", "ics_free", "bn", "ics", ["seed"], alternative="greater")
         a = stats.paired_effect(sel, "norm", "bn", "ics_free", "acc", ["seed"], alternative="greater")
         parts = [stats.decide("p3", "the ICS-free scheme has more ICS than BN", m, guards=learn[:1],
                               what="relative ℓ2 ICS difference"),
-                 stats.decide("p3", "BN is more accurate than the ICS-free scheme", a, guards=learn[:1],
+                 stats.decide("p3", "BN is more accurate than the ICS-free scheme", a, guards=learn[:1] + [trains],
                               what="test accuracy difference")]
         out.append(stats.all_of("p3", "P3: the ICS-free scheme (BN without ICS reduction) is less accurate than BN",
                                 parts))
@@ -235,28 +278,27 @@ register_study(Study(
     title="P3 · does internal covariate shift matter? (Awais et al. 2021)",
     notebook="studies/p3_ics.ipynb",
     doc="bn / bn_minus / affine / none / noisy_bn / ics_free / group_norm / layer_norm / batch_renorm / ghost_bn "
-        "on one ResNet over a shared learning-rate sweep, with Santurkar et al.'s ICS and landscape probes; "
+        "on one ResNet, each arm over its own learning-rate ladder, with Santurkar et al.'s ICS and landscape probes; "
         "verdict: across arms, does less ICS go with higher accuracy, or do smoothness and the largest stable "
         "learning rate track it better?",
     derive=_derive,
     verdicts=verdicts,
     presets={
-        # Fashion-MNIST, ResNet18 at width 1/8 on 2 560 training images for 2 epochs at batch 64
-        # (80 steps), no crop (it slows a 2-epoch run more than it regularizes): the arms reach
-        # clearly different accuracies (none and affine train much worse at BN's rates), small
-        # enough for ~6 min on 2 cores with the probes (measured: README, P3). ICS on 5 of the
-        # 20 convs and the landscape: ~11 fp32 forward-backward passes per probe time, at init,
-        # step 10 (early training, where the arms differ most) and each epoch end.
+        # Fashion-MNIST, ResNet18 at width 1/8 on 2 048 training images for 2 epochs at batch 64
+        # (64 steps), no crop (it slows a 2-epoch run more than it regularizes), each arm on its
+        # own 3-rung ladder: small enough for ~6 min on 2 idle cores with the probes (measured:
+        # README, P3). ICS on 3 of the 20 convs and the landscape: ~9 fp32 forward-backward
+        # passes per probe time, at init and each epoch end.
         "quick": Preset(
-            base=dict(dataset="fashion_mnist", n_train=2560, val_fraction=0.02, n_test=1000, arch="resnet18",
+            base=dict(dataset="fashion_mnist", n_train=2048, val_fraction=0.02, n_test=1000, arch="resnet18",
                       width=0.125, epochs=2, batch_size=64, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                      crop_pad=0, log_every=5, eval_batch_size=500, bn_eval_stats="precise", precise_batches=8,
-                      probes=PROBES, probe_steps=[10], probe_ics_layers=ICS_LAYERS),
-            grid=dict(norm=ARMS, lr=QUICK_LRS, seed=[0, 1, 2])),
+                      crop_pad=0, log_every=4, eval_batch_size=500, bn_eval_stats="precise", precise_batches=4,
+                      probes=PROBES, probe_ics_layers=QUICK_ICS_LAYERS),
+            grid=dict(norm=ARMS, lr_rung=[0, 1, 2], seed=[0, 1, 2]), derive=_ladder_derive(LR_LADDERS["quick"])),
         "paper": Preset(
             base=dict(dataset="cifar10", arch="resnet18", width=1.0, epochs=60, batch_size=128, momentum=0.9,
                       weight_decay=5e-4, schedule="cosine", n_train=None, n_test=None, probes=PROBES,
                       probe_every=200, probe_ics_layers=ICS_LAYERS),
-            grid=dict(norm=ARMS, lr=PAPER_LRS, seed=[0, 1, 2])),
+            grid=dict(norm=ARMS, lr_rung=[0, 1, 2, 3, 4], seed=[0, 1, 2]), derive=_ladder_derive(LR_LADDERS["paper"])),
     },
 ))
