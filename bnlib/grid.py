@@ -254,6 +254,9 @@ def _host(address: str) -> str:
     return get_address_host(address)
 
 
+RUN_LOCK_GRACE_S = 20.0  # _execute_point: how long a waiting study gives a held run lock to be freed
+
+
 def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str] | None = None,
                    shared: str | None = None) -> dict:
     """Run one grid point through run.ipynb; never raises (a failure is a recorded result, so
@@ -299,10 +302,13 @@ def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str]
         before = rd.status()
         if (before or {}).get("status") in FINISHED and not rd.verify():  # finished elsewhere meanwhile
             return {**res, "status": "skipped"}
-        # a live `bnlib run` of the same parameters outside this study (with `wait`, until it lets
-        # go: e.g. the kernel of a worker that was just killed, whose lock the OS has not yet freed)
+        # a live `bnlib run` of the same parameters outside this study. With `wait`, give it
+        # RUN_LOCK_GRACE_S to let go (the kernel of a worker that was just killed, whose lock the
+        # OS frees a moment later), but no longer: a run held by a live process outside any
+        # study is skipped, not waited for (it may be this very process's own).
+        grace = time.monotonic() + (RUN_LOCK_GRACE_S if wait else 0.0)
         while rd.locked("run"):
-            if not wait:
+            if time.monotonic() >= grace:
                 return {**res, "status": "locked"}
             time.sleep(1.0)
         try:
