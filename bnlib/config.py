@@ -326,6 +326,14 @@ def _memory_limit(device: str) -> tuple[float, str]:
         return math.inf, "memory"
 
 
+def _data_shape(cfg: dict) -> tuple[int, int, int, int]:
+    """(pixels per image, channels, training-pool images, test images) of the run's data set,
+    without loading it: what the memory estimates count."""
+    fashion, synthetic = cfg["dataset"] == "fashion_mnist", cfg["dataset"] == "synthetic"
+    pool = cfg["synthetic_size"] if synthetic else TRAIN_POOL[cfg["dataset"]]
+    return (28 * 28 if fashion else 32 * 32), (1 if fashion else 3), pool, (pool // 5 if synthetic else 10000)
+
+
 def _memory_bound(cfg: dict) -> float:
     """Bytes a run allocates at most, from the architecture's table alone (no model built): every
     conv taken as the widest one, a 7x7 kernel, at the input's full resolution, with six kept
@@ -335,11 +343,10 @@ def _memory_bound(cfg: dict) -> float:
     expand = 4 if spec.block == "bottleneck" else 1
     cmax = max(1, round(max(spec.widths) * expand * float(cfg["width"]))) + 1
     n_conv = 1 + len(spec.layers) + sum(spec.layers) * (3 if spec.block == "bottleneck" else 2)
-    pixels = 28 * 28 if cfg["dataset"] == "fashion_mnist" else 32 * 32
+    pixels, chans, pool, test = _data_shape(cfg)
     params = n_conv * 49.0 * cmax * cmax + (cmax + 1) * 1000
     acts = n_conv * 6.0 * cmax * pixels * cfg["batch_size"]
-    pool = cfg["synthetic_size"] if cfg["dataset"] == "synthetic" else TRAIN_POOL[cfg["dataset"]]
-    return 16 * params + 4 * acts + 7.0 * (pool + 10000) * pixels * 3
+    return 16 * params + 4 * acts + 7.0 * (pool + test) * pixels * chans
 
 
 def estimate_memory(cfg: dict) -> dict[str, float]:
@@ -347,10 +354,7 @@ def estimate_memory(cfg: dict) -> dict[str, float]:
     (uint8 pool + its indexed copy + the float copy its mean/std are computed on), the model
     (weights, gradients, two optimizer moments) and the activations a training batch keeps for
     the backward pass (meta-device count at width 1, scaled by width and batch)."""
-    pixels = {"fashion_mnist": 28 * 28}.get(cfg["dataset"], 32 * 32)
-    chans = 1 if cfg["dataset"] == "fashion_mnist" else 3
-    pool = cfg["synthetic_size"] if cfg["dataset"] == "synthetic" else TRAIN_POOL[cfg["dataset"]]
-    test = pool // 5 if cfg["dataset"] == "synthetic" else 10000
+    pixels, chans, pool, test = _data_shape(cfg)
     out = {"data": float(pool) * pixels * chans * 6 + float(test) * pixels * chans}
     size = _model_size(cfg["arch"], cfg["stem"], cfg["shortcut"])
     if size is not None:
