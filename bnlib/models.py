@@ -216,6 +216,8 @@ class ResNet(nn.Module):
                                  f"none; valid choices: {[k for k, s in NORMS.items() if s.has_gamma]}")
             for b in self.blocks():
                 nn.init.zeros_(b.last_norm.weight)
+        if NORMS[norm].attach is not None:  # the norm's model-level part (bnlib.norms.NormSpec.attach)
+            NORMS[norm].attach(self)
 
     def forward(self, x):  # x: (N, in_channels, H, W) pixels in [0, 1]
         x = self.stem(self.input_norm(x))

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bn_variants import BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, NoisyBatchNorm2d, StaleBatchNorm2d
+from .bn_variants import (BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, IcsFreeBatchNorm2d, NoisyBatchNorm2d,
+                          StaleBatchNorm2d, attach_reference_pass)
 
 __all__ = ["Affine2d", "BatchInitAffine2d", "NormSpec", "NORMS", "ROLES", "register_norm", "get_norm", "norm_names",
            "tag_norm"]
@@ -76,7 +77,14 @@ class NormSpec:
     defaults when not given) and bnlib.train.build_model takes them from the run's config, so a
     norm with options needs no edit elsewhere. `check(cfg, model)` returns error lines for
     option values that are in range but do not fit the rest of the run (bnlib.config.validate
-    calls it; `model()` builds the run's network on the meta device)."""
+    calls it; `model()` builds the run's network on the meta device).
+
+    `attach(model)`, when set, is the norm's model-level part: the model factory
+    (bnlib.models.ResNet) calls it once on the finished network, after initialization, e.g. to
+    add state or hooks that need the whole network (ics_free's reference pass with the previous
+    step's parameters, bnlib.bn_variants.attach_reference_pass). Whatever it adds must live in
+    the network (buffers: checkpointed, copied by probes) and work on a deep copy of it, so the
+    training loop needs no edit per norm."""
 
     name: str
     build: Callable[..., nn.Module]  # build(num_features, gamma0=..., eps=..., momentum=...)
@@ -87,6 +95,7 @@ class NormSpec:
     param_roles: tuple = ()  # ((attribute, role), ...); empty: derived from has_gamma/has_beta
     options: tuple = ()  # RunConfig field names passed to build as keyword arguments
     check: Callable[[dict, Callable[[], nn.Module]], list] | None = None
+    attach: Callable[[nn.Module], object] | None = None  # attach(network), once, by the model factory
 
     def roles(self) -> dict[str, str]:
         """{attribute name: "scale" | "shift"} of the layer's learnable parameters."""
@@ -102,7 +111,7 @@ ROLES = ("scale", "shift")
 
 
 def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bool, doc: str,
-                  param_roles: dict[str, str] | None = None, options: tuple = (), check=None):
+                  param_roles: dict[str, str] | None = None, options: tuple = (), check=None, attach=None):
     def deco(build):
         if name in NORMS:
             raise ValueError(f"norm {name!r} is registered twice")
@@ -110,7 +119,7 @@ def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bo
         if bad:
             raise ValueError(f"norm {name!r}: param_roles {sorted(bad)} unknown; valid roles: {list(ROLES)}")
         NORMS[name] = NormSpec(name, build, has_gamma, has_beta, batch_stats, doc,
-                               tuple(sorted((param_roles or {}).items())), tuple(options), check)
+                               tuple(sorted((param_roles or {}).items())), tuple(options), check, attach)
         return build
 
     return deco
@@ -172,10 +181,21 @@ def _noisy_bn(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, **noise):
 
 
 @register_norm("ics_free", has_gamma=True, has_beta=True, batch_stats=True,
-               doc="P3's ICS-free scheme (bnlib's choice): BN whose forward normalizes with the previous "
-                   "batch's statistics (one step stale, so it cannot undo the latest update's shift) while "
-                   "its gradient is BN's (batch renormalization against those statistics, unclipped)")
+               doc="P3's ICS-free scheme (bnlib's choice): BN whose forward normalizes each batch with the "
+                   "statistics BN computes on the same batch with the previous step's parameters (a no-gradient "
+                   "reference pass), so it removes every earlier update's shift but not the latest one's, while "
+                   "its gradient is BN's (batch renormalization against those statistics, unclipped); one extra "
+                   "forward per step",
+               attach=attach_reference_pass)
 def _ics_free(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
+    return _set_gamma(IcsFreeBatchNorm2d(num_features, eps, momentum), gamma0)
+
+
+@register_norm("ics_free_stale", has_gamma=True, has_beta=True, batch_stats=True,
+               doc="P3's first ICS-free scheme, kept as a measured negative result: BN whose forward normalizes "
+                   "with the previous batch's statistics (BN's gradient); diverges at every rate in a deep net "
+                   "(stale statistics are differenced in time at every layer, bnlib.bn_variants.StaleBatchNorm2d)")
+def _ics_free_stale(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
     return _set_gamma(StaleBatchNorm2d(num_features, eps, momentum), gamma0)
 
 

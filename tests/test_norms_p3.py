@@ -17,7 +17,7 @@ from bnlib.models import create_model, norm_layers
 from bnlib.norms import NORMS, get_norm
 from bnlib.train import build_model, param_groups
 
-P3_NORMS = ["noisy_bn", "ics_free", "group_norm", "layer_norm", "batch_renorm", "ghost_bn"]
+P3_NORMS = ["noisy_bn", "ics_free", "ics_free_stale", "group_norm", "layer_norm", "batch_renorm", "ghost_bn"]
 
 
 def _x(n=8, c=4, h=5, w=6, seed=0, shift=1.5, scale=2.0):
@@ -283,11 +283,12 @@ def test_batch_renorm_limits_ramp_over_the_warmup():
 
 
 # ----------------------------------------------------------------------------------------------
-# ics_free: the previous batch's statistics in the forward, BN's gradient in the backward
+# ics_free_stale: the previous batch's statistics in the forward, BN's gradient in the backward
+# (P3's first ICS-free scheme, kept as a measured negative result)
 # ----------------------------------------------------------------------------------------------
 
-def test_ics_free_normalizes_with_the_previous_batchs_statistics():
-    layer = get_norm("ics_free")(4)
+def test_ics_free_stale_normalizes_with_the_previous_batchs_statistics():
+    layer = get_norm("ics_free_stale")(4)
     gamma, beta = _randomize_affine(layer)
     a, b = _x(seed=9, shift=-2.0, scale=0.5), _x(seed=10, shift=3.0, scale=4.0)  # far-apart statistics
     # first forward: no previous batch, so BN on this one
@@ -319,22 +320,22 @@ def test_ics_free_normalizes_with_the_previous_batchs_statistics():
                                rtol=1e-4, atol=1e-4)
 
 
-def test_ics_free_does_not_undo_a_shift_that_bn_undoes():
+def test_ics_free_stale_does_not_undo_a_shift_that_bn_undoes():
     """What the scheme is for, on one layer: an update that shifts and rescales the layer's input
-    (the layers below moved) reaches the output of ics_free, and not of BN."""
+    (the layers below moved) reaches the output of ics_free_stale, and not of BN."""
     x = _x(seed=12)
     shifted = 1.7 * x + 0.8  # the same batch after an update of the layers below
-    bn, free = get_norm("bn")(4).train(), get_norm("ics_free")(4).train()
+    bn, free = get_norm("bn")(4).train(), get_norm("ics_free_stale")(4).train()
     bn(x), free(x)  # the previous step
     assert torch.allclose(bn(shifted), bn(x), atol=1e-4)  # BN divides the shift out
-    assert not torch.allclose(free(shifted), free(x), atol=0.1)  # ics_free passes it on
+    assert not torch.allclose(free(shifted), free(x), atol=0.1)  # ics_free_stale passes it on
     mu = x.mean(dim=(0, 2, 3), keepdim=True)
     sd = torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
     free(x)  # the previous batch is x again
     torch.testing.assert_close(free(shifted), (shifted - mu) / sd, rtol=1e-4, atol=1e-4)
 
 
-def test_ics_free_is_unstable_through_depth_even_without_updates():
+def test_ics_free_stale_is_unstable_through_depth_even_without_updates():
     """Measured property of the stale-statistics scheme (documented in StaleBatchNorm2d): with
     the weights frozen, batch-to-batch noise in a deep stack is differenced in time at every
     layer (each layer passes on its input's scale relative to the previous step's), so the
@@ -344,7 +345,7 @@ def test_ics_free_is_unstable_through_depth_even_without_updates():
         return nn.Sequential(*[m for _ in range(16) for m in (nn.Conv2d(4, 4, 3, padding=1, bias=False),
                                                                get_norm(norm)(4), nn.ReLU())]).train()
     worst = {}
-    for norm in ("bn", "ics_free"):
+    for norm in ("bn", "ics_free_stale"):
         net, g, out = stack(norm), torch.Generator().manual_seed(1), []
         with torch.no_grad():
             for _ in range(40):
@@ -352,7 +353,238 @@ def test_ics_free_is_unstable_through_depth_even_without_updates():
                 out.append(float(y.std(dim=(0, 2, 3)).log10().abs().max()))
         worst[norm] = max(out[1:])
     assert worst["bn"] < 0.05  # BN: every channel at unit scale, every step
-    assert worst["ics_free"] > 1.0  # stale statistics: off by more than 10x at depth 16
+    assert worst["ics_free_stale"] > 1.0  # stale statistics: off by more than 10x at depth 16
+
+
+# ----------------------------------------------------------------------------------------------
+# ics_free: the statistics BN computes on the same batch with the previous step's parameters
+# (a no-gradient reference pass, bnlib.bn_variants.IcsFreeBatchNorm2d), BN's gradient
+# ----------------------------------------------------------------------------------------------
+
+class _Toy(nn.Module):
+    """conv-norm-relu x3 + linear head, with `norm` layers; ics_free's reference pass attached
+    as the model factory attaches it (NormSpec.attach)."""
+
+    def __init__(self, norm="ics_free", c=4):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3 if i == 0 else c, c, 3, padding=1, bias=False) for i in range(3)])
+        self.norms = nn.ModuleList([get_norm(norm)(c) for _ in range(3)])
+        self.head = nn.Linear(c, 5)
+        if NORMS[norm].attach is not None:
+            NORMS[norm].attach(self)
+
+    def forward(self, x):
+        for conv, norm in zip(self.convs, self.norms):
+            x = torch.relu(norm(conv(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _as_bn(model):
+    """A plain-BN copy of a _Toy holding `model`'s parameters (and running statistics)."""
+    bn = _Toy("bn")
+    bn.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ics_free_reference")})
+    return bn
+
+
+def _norm_inputs(model, x, grad=False):
+    """Per norm layer (by index), the input it sees in one train-mode forward of x."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+             for i, m in enumerate(model.norms)]
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model.train()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+def _sgd_steps(model, xs, lr=0.2):
+    """Train-mode steps of SGD on batches xs; returns the parameters each forward ran with."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    used = []
+    for k, x in enumerate(xs):
+        used.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        opt.zero_grad()
+        nn.functional.cross_entropy(model.train()(x), torch.arange(len(x)) % 5).backward()
+        opt.step()
+    return used
+
+
+def test_ics_free_reference_statistics_are_bns_on_the_same_batch_with_the_previous_parameters():
+    torch.manual_seed(0)
+    model = _Toy()
+    xs = [torch.randn(8, 3, 6, 6) * (1 + k) + k for k in range(4)]
+    used = _sgd_steps(model, xs)
+    previous = _Toy("bn")  # the parameters of step t-1 (the last forward's), plain BN
+    previous.load_state_dict(used[-2], strict=False)
+    with torch.no_grad():  # the same batch as step t's, through step t-1's network, batch statistics
+        seen, _ = _norm_inputs(previous, xs[-1])
+    for i, m in enumerate(model.norms):
+        mu_ref, var_ref = m.reference
+        torch.testing.assert_close(mu_ref, seen[i].mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var_ref, seen[i].var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    # the snapshot now holds the parameters of step t, for step t + 1
+    snap = model.ics_free_reference.params()
+    for n, p in used[-1].items():
+        assert torch.equal(snap[n], p), n
+    # and the reference is not the statistics of step t's parameters (the update moved them)
+    ref = model.norms[2].reference[0]
+    now, _ = _norm_inputs(model, xs[-1])  # (a no-gradient forward: plain BN with the current parameters)
+    assert not torch.allclose(ref, now[2].mean(dim=(0, 2, 3)), atol=1e-3)
+
+
+def test_ics_free_forward_normalizes_with_the_reference_statistics():
+    torch.manual_seed(1)
+    model = _Toy()
+    for m in model.norms:
+        _randomize_affine(m, seed=3)
+    xs = [torch.randn(8, 3, 6, 6) + k for k in range(3)]
+    _sgd_steps(model, xs[:2])
+    outs = {}
+    hooks = [m.register_forward_hook(lambda _m, a, out, i=i: outs.__setitem__(i, (a[0].detach(), out.detach())))
+             for i, m in enumerate(model.norms)]
+    model(xs[2])  # a training forward (gradients on): reference pass, then the real one
+    for h in hooks:
+        h.remove()
+    for i, m in enumerate(model.norms):
+        x, y = outs[i]
+        mu, var = (t.view(1, -1, 1, 1) for t in m.reference)
+        expected = m.weight.view(1, -1, 1, 1) * (x - mu) / torch.sqrt(var + m.eps) + m.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(y, m.weight.view(1, -1, 1, 1) * _bn_train(x) + m.bias.view(1, -1, 1, 1), atol=1e-3)
+
+
+def test_ics_free_first_step_is_bn():
+    """No previous parameters: the snapshot is the constructed network's, so the reference is
+    the batch's own statistics (r = 1, d = 0): outputs, gradients and running statistics are BN's."""
+    torch.manual_seed(2)
+    model = create_model("resnet8", width=0.25, norm="ics_free")
+    bn = create_model("resnet8", width=0.25, norm="bn")
+    bn.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ics_free_reference")})
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    oa, ob = model.train()(xa), bn.train()(xb)
+    torch.testing.assert_close(oa, ob, rtol=1e-5, atol=1e-6)
+    nn.functional.cross_entropy(oa, y).backward(), nn.functional.cross_entropy(ob, y).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-7)
+    for (n, p), q in zip(model.named_parameters(), bn.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=n)
+    ours, ref = model.state_dict(), bn.state_dict()
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], msg=k)
+
+
+def test_ics_free_input_gradient_has_no_component_along_the_batch_mean_or_xhat():
+    """BN's Jacobian (the reference statistics are constants of the backward): per channel the
+    input gradient sums to 0 and is orthogonal to the batch-normalized input x̂_B."""
+    torch.manual_seed(3)
+    model = _Toy()
+    xs = [torch.randn(8, 3, 6, 6) * (1 + k) for k in range(3)]
+    _sgd_steps(model, xs[:2], lr=0.5)
+    seen, _ = _norm_inputs(model, xs[2], grad=True)  # a training forward: the reference of this batch
+    m = model.norms[1]
+    x = seen[1].requires_grad_()
+    y = m(x)  # the layer again, with that reference
+    r = torch.sqrt(m.reference[1] + m.eps) / torch.sqrt(x.detach().var(dim=(0, 2, 3), unbiased=False) + m.eps)
+    assert (r - 1).abs().max() > 1e-3  # the reference really differs from the batch (r != 1)
+    y.backward(torch.randn_like(y))
+    g = x.grad
+    scale = g.abs().sum(dim=(0, 2, 3))
+    assert (g.sum(dim=(0, 2, 3)).abs() / scale).max() < 1e-5
+    assert ((g * _bn_train(x.detach())).sum(dim=(0, 2, 3)).abs() / scale).max() < 1e-4
+
+
+def test_ics_free_passes_on_the_latest_update_and_only_it():
+    """What the scheme is for: after an update that rescales and shifts a layer's input (the
+    layers below moved), BN's output is unchanged and ics_free's carries the change; one step
+    later that shift is in the reference and removed again (BN's scale control)."""
+    torch.manual_seed(4)
+    model = _Toy()
+    x = torch.randn(16, 3, 6, 6)
+    model(x)  # step t-1: the snapshot is now these parameters
+    with torch.no_grad():
+        model.convs[0].weight.mul_(1.7)  # "the update" of the first layer: its output scale x 1.7
+    seen, _ = _norm_inputs(model, x, grad=True)  # step t: the same batch
+    out0 = model.norms[0](seen[0])  # the layer's output as step t computed it (same reference)
+    bn_out0 = _bn_train(seen[0])  # BN: the rescaling divided out
+    assert torch.allclose(out0.std(dim=(0, 2, 3)), 1.7 * bn_out0.std(dim=(0, 2, 3)), rtol=1e-3)
+    seen, _ = _norm_inputs(model, x, grad=True)  # step t + 1, nothing moved: the shift is removed again
+    torch.testing.assert_close(model.norms[0](seen[0]), _bn_train(seen[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_ics_free_is_stable_through_depth_where_stale_statistics_are_not():
+    """The failure of ics_free_stale (test above) does not occur: with frozen weights the
+    reference is the batch's own BN statistics, so a 16-layer stack stays at unit scale."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(*[m for _ in range(16) for m in (nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                                                                        get_norm("ics_free")(4), nn.ReLU())])
+            NORMS["ics_free"].attach(self)
+
+        def forward(self, x):
+            return self.body[:-1](x)
+
+    torch.manual_seed(0)
+    net, g, worst = Stack().train(), torch.Generator().manual_seed(1), 0.0
+    for _ in range(20):  # training forwards (gradients on), weights frozen
+        y = net(torch.randn(16, 4, 8, 8, generator=g)).detach()
+        worst = max(worst, float(y.std(dim=(0, 2, 3)).log10().abs().max()))
+    assert worst < 0.05
+
+
+def test_ics_free_no_grad_forwards_are_bn_and_leave_the_snapshot():
+    torch.manual_seed(5)
+    model = _Toy()
+    _sgd_steps(model, [torch.randn(8, 3, 6, 6) for _ in range(2)])
+    snap = {k: v.clone() for k, v in model.ics_free_reference.state_dict().items()}
+    x = torch.randn(8, 3, 6, 6)
+    with torch.no_grad():
+        out = model.train()(x)
+    torch.testing.assert_close(out, _as_bn(model).train()(x), rtol=1e-5, atol=1e-6)
+    assert all(m.reference is None for m in model.norms)
+    for k, v in model.ics_free_reference.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+
+
+def test_ics_free_resumes_identically_from_a_state_dict_and_a_copy_leaves_the_original_alone():
+    torch.manual_seed(6)
+    a = _Toy()
+    xs = [torch.randn(8, 3, 6, 6) * (1 + k) for k in range(4)]
+    _sgd_steps(a, xs[:2])
+    b = _Toy()
+    b.load_state_dict(a.state_dict())  # the snapshot is part of the state: the next step is identical
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    twin = copy.deepcopy(a)
+    _sgd_steps(twin, xs[2:])  # a probe-like copy trains on: the original is untouched
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    ya, yb = a.train()(xs[2]), b.train()(xs[2])
+    assert torch.equal(ya, yb)
+
+
+def test_ics_free_runs_under_bf16_autocast_in_channels_last():
+    torch.manual_seed(7)
+    model = create_model("resnet8", width=0.25, norm="ics_free").to(memory_format=torch.channels_last)
+    assert model.ics_free_reference.stem__0__weight.is_contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        x = torch.rand(8, 3, 16, 16).to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.train()(x)
+            layer = norm_layers(model)[0][1]
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+        assert layer.reference[0].dtype == torch.float32
+        opt.zero_grad()
+        nn.functional.cross_entropy(out.float(), torch.arange(8) % 10).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    # with double precision too (a probe runs a copy of the net in fp64)
+    d = copy.deepcopy(model).double()
+    y = d.train()(torch.rand(4, 3, 16, 16, dtype=torch.float64))
+    assert y.dtype == torch.float64 and norm_layers(d)[0][1].reference[0].dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +604,7 @@ def test_options_are_registry_driven():
     assert {m.num_groups for _, m in norm_layers(build_model(cfg))} == {2}
 
 
-@pytest.mark.parametrize("name", ["noisy_bn", "ics_free", "batch_renorm", "ghost_bn"])
+@pytest.mark.parametrize("name", ["noisy_bn", "ics_free", "ics_free_stale", "batch_renorm", "ghost_bn"])
 def test_precise_statistics_leave_rng_and_every_buffer_untouched(name):
     torch.manual_seed(0)
     model = create_model("resnet8", width=0.25, norm=name, norm_options={"ghost_batch_size": 4}
@@ -455,10 +687,11 @@ def test_good_norm_options_are_accepted():
     assert validate(norm="bn", norm_groups=3, ghost_batch_size=48)["norm"] == "bn"
 
 
-@pytest.mark.parametrize("name", ["noisy_bn", "ics_free"])
+@pytest.mark.parametrize("name", ["noisy_bn", "ics_free", "ics_free_stale"])
 def test_training_with_probes_stays_bit_identical(tmp_path, name):
     """The probe contract with a norm that draws random numbers (noisy_bn) or keeps extra state
-    (ics_free): probes copy the model and restore every RNG, so the training is unchanged."""
+    (ics_free's parameter snapshot and reference pass, ics_free_stale's previous-batch
+    statistics): probes copy the model and restore every RNG, so the training is unchanged."""
     from bnlib.probes import probe_names
     base = dict(norm=name, arch="resnet8", width=0.25, synthetic_size=100, val_fraction=0.2, n_train=32, n_test=20,
                 batch_size=16, epochs=1, progress=False, precision="fp32", log_every=1, bn_eval_stats="precise",
@@ -472,16 +705,17 @@ def test_training_with_probes_stays_bit_identical(tmp_path, name):
     assert not bnlib.load_runs(tmp_path / "b").probes.empty
 
 
-@pytest.mark.parametrize("name", ["noisy_bn", "ics_free", "batch_renorm", "ghost_bn"])
+@pytest.mark.parametrize("name", ["noisy_bn", "ics_free", "ics_free_stale", "batch_renorm", "ghost_bn"])
 def test_checkpointed_blocks_recompute_what_the_forward_computed(name):
     """checkpoint_blocks recomputes each block in the backward pass: with the buffers the first
-    forward saw (ics_free and batch_renorm read theirs in train mode) and the same noise."""
+    forward saw (ics_free_stale and batch_renorm read theirs in train mode; ics_free its
+    reference statistics, recorded before the real forward) and the same noise."""
     torch.manual_seed(0)
     ref = create_model("resnet8", width=0.25, norm=name, norm_options={"ghost_batch_size": 2}
                        if name == "ghost_bn" else None)
     ckp = copy.deepcopy(ref)
     ckp.checkpoint_blocks = True
-    for step in range(2):  # the second step normalizes with the first one's statistics (ics_free)
+    for step in range(2):  # the second step normalizes with the first one's statistics (ics_free_stale)
         x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
         for model in (ref, ckp):
             model.zero_grad()
@@ -493,12 +727,12 @@ def test_checkpointed_blocks_recompute_what_the_forward_computed(name):
             assert torch.equal(b, c), n
 
 
-def test_ics_free_weight_gradient_is_orthogonal_to_the_weights_as_under_bn():
+def test_ics_free_stale_weight_gradient_is_orthogonal_to_the_weights_as_under_bn():
     """The docstring's claim: the backward pass is BN's, so the gradient of the conv before the
     layer is orthogonal to its weights (though the forward value, normalized with the previous
     batch's statistics, is not invariant to their scale within a step)."""
     torch.manual_seed(0)
-    for name in ("bn", "ics_free", "none"):
+    for name in ("bn", "ics_free_stale", "none"):
         conv, norm = nn.Conv2d(3, 4, 3, bias=False), get_norm(name)(4).train()
         head = torch.randn(4 * 6 * 6, 5)
         for step in range(2):  # the second step normalizes with the first batch's statistics
