@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bnlib-installed
 PRESET ?= quick
 WORKERS ?= 2
+# test processes (pytest-xdist): the suite spends most of its time waiting on kernels and
+# subprocesses, so 2 processes halve its wall time on 2 cores; TEST_WORKERS=0 runs it in one
+TEST_WORKERS ?= 2
 # DATASET=synthetic runs every study on bnlib's generated set (no files needed), e.g. where
 # Fashion-MNIST can be neither found nor downloaded.
 DATASET ?=
@@ -28,7 +31,7 @@ study: $(STAMP)
 	$(PY) -m bnlib study all --preset $(PRESET) --workers $(WORKERS) $(if $(DATASET),--dataset $(DATASET))
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # JupyterLab on notebooks/, with this environment's Python as the kernel.
 lab: $(STAMP)

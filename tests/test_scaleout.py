@@ -22,6 +22,9 @@ import bnlib.device
 from bnlib.grid import SHARED_TOKEN, _check_worker, _run_threads, load_study, plan, run_study
 from bnlib.studies import Preset, Study
 
+# one xdist process for the module: its module-scoped fixture is expensive (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("scaleout")
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = dict(arch="resnet8", width=0.25, synthetic_size=300, val_fraction=0.2, n_test=60, batch_size=32,

@@ -13,6 +13,9 @@ from bnlib.grid import load_study, run_study, plan, execute_notebook, NOTEBOOKS
 from bnlib.report import build_report
 from bnlib.studies import Preset, Study
 
+# one xdist process for the module: its module-scoped fixture is expensive (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("study")
+
 SMOKE = dict(arch="resnet8", width=0.25, synthetic_size=300, val_fraction=0.2, n_test=60, batch_size=32,
              epochs=2, log_every=2)
 
