@@ -331,6 +331,27 @@ def test_verdicts_support_p3_when_less_ics_goes_with_accuracy():
     assert noisy.outcome == "supported"  # 0.83 vs 0.85: within 2 points
 
 
+def test_ics_free_manipulation_check_compares_ics_at_one_shared_rate_not_at_each_arms_own():
+    """ICS grows with the step: BN chosen at a large rate and the ICS-free arm at a small one
+    would compare step sizes. The check uses the largest rate both ran stably."""
+    from bnlib.studies import p3
+    w = _world(ACC, {a: 0.2 for a in ARMS8}, {a: 10.0 for a in ARMS8})
+    r, pr = w.runs, w.probes
+    best = {"bn": 0.25, "ics_free": 0.01}  # each arm's rate chosen on validation
+    for arm, lr in best.items():
+        m = r["norm"] == arm
+        for col in ("best_val_acc", "test_acc_at_best_val"):
+            r.loc[m, col] = np.where(r.loc[m, "lr"] == lr, ACC[arm], ACC[arm] - 0.1) + 0.01 * r.loc[m, "seed"] * (1 if arm == "bn" else 2)
+    per_lr = {"bn": 1.0, "ics_free": 1.5}  # at any one rate the ICS-free arm has 1.5x BN's ICS
+    for arm, k in per_lr.items():
+        m = (pr["norm"] == arm) & (pr["probe"] == "ics") & (pr["quantity"] == "l2")
+        pr.loc[m, "value"] = k * pr.loc[m, "lr"] * (1 + 0.05 * pr.loc[m, "seed"] ** 2)
+    own = {a: pr[(pr["norm"] == a) & (pr["quantity"] == "l2") & (pr["lr"] == lr)]["value"].mean() for a, lr in best.items()}
+    assert own["ics_free"] < own["bn"]  # at their own rates the comparison would invert
+    v = {v.claim: v for v in p3.verdicts(w)}["P3: the ICS-free scheme (BN without ICS reduction) is less accurate than BN"]
+    assert "both at lr 0.25" in v.sentence and v.outcome == "supported", v.sentence
+
+
 def test_verdicts_side_with_santurkar_when_smoothness_tracks_accuracy_and_ics_does_not():
     from bnlib.studies import p3
     ics = {a: v for a, v in ACC.items()}  # more ICS with higher accuracy (Santurkar's BN finding)
@@ -353,6 +374,66 @@ def test_verdicts_are_inconclusive_when_the_runs_cannot_carry_them():
     assert p3.verdicts(SimpleNamespace(runs=pd.DataFrame(), probes=pd.DataFrame()))[0].outcome == "inconclusive"
 
 
+P3_CORR = ["P3: across arms, less ICS goes with higher accuracy",
+           "Santurkar: β-smoothness tracks accuracy better than ICS does",
+           "Santurkar / P4: the largest stable learning rate tracks accuracy better than ICS does"]
+
+
+def test_correlation_verdicts_are_inconclusive_when_an_arm_sits_at_chance_and_name_it():
+    """Arms at chance (not learning at their chosen rate) would make the ranks sort learners from
+    non-learners: claims 1-3 say inconclusive and name them, even with ICS perfectly anti-ranked
+    with accuracy; the reference (BN beats none) is still decided."""
+    from bnlib.studies import p3
+    acc = {**ACC, "none": 0.10, "affine": 0.11}
+    ics = {a: 1.0 - v for a, v in acc.items()}
+    beta = {a: 10.0 for a in ARMS8}
+    vs = {v.claim: v for v in p3.verdicts(_world(acc, ics, beta))}
+    assert vs["Reference: BN learns and beats no normalization (each at its validated rate)"].outcome == "supported"
+    for claim in P3_CORR:
+        v = vs[claim]
+        assert v.outcome == "inconclusive", claim
+        why = [w for w in v.reasons if "do not beat chance" in w]
+        assert len(why) == 1 and "2 arm(s)" in why[0] and "none (" in why[0] and "affine (" in why[0], v.reasons
+        assert "bn (" not in why[0]
+    # the same world with every arm learning: the guard is silent and claim 1 is decided
+    vs = {v.claim: v for v in p3.verdicts(_world(ACC, {a: 1.0 - v for a, v in ACC.items()}, beta))}
+    assert vs[P3_CORR[0]].outcome == "supported"
+    assert not [w for c in P3_CORR for w in vs[c].reasons if "chance" in w]
+
+
+def test_an_arm_that_diverged_at_every_rate_is_left_out_of_the_ranks_not_a_block():
+    """A diverged arm is a result: an arm that diverged in every run (every rate, every seed) does
+    not make the correlations inconclusive; it is left out of the ranks (accuracy, ICS, lr* and
+    the censoring count) and named. An arm at chance that diverged at only some rates still blocks."""
+    from bnlib.studies import p3
+    ics = {a: 1.0 - v for a, v in ACC.items()}
+    ics["ics_free"] = 50.0  # what a blowing-up run measures; it must not enter the ranks
+    beta = {a: 10.0 for a in ARMS8}
+    w = _world(ACC, ics, beta)
+    div = w.runs["norm"] == "ics_free"
+    w.runs.loc[div, ["status", "best_val_acc", "test_acc_at_best_val"]] = ["diverged", np.nan, np.nan]
+    vs = {v.claim: v for v in p3.verdicts(w)}
+    v1 = vs[P3_CORR[0]]
+    assert v1.outcome == "supported", v1.sentence
+    assert "left out: ics_free" in v1.sentence and not [w_ for w_ in v1.reasons if "chance" in w_]
+    assert v1.effects[0]["n"] == len(ARMS8) - 1  # ranked over the 7 arms that train
+    for claim in P3_CORR[1:]:
+        assert "left out: ics_free" in vs[claim].sentence
+        assert not [w_ for w_ in vs[claim].reasons if "chance" in w_ or "ics_free" in w_], vs[claim].reasons
+    # the ICS-free verdict still reads the divergence (its own guard)
+    assert vs["P3: the ICS-free scheme (BN without ICS reduction) is less accurate than BN"].outcome == "inconclusive"
+    # `none` at chance at every rate, diverged only at its largest: not a result, a block
+    acc = {**ACC, "none": 0.10}
+    w = _world(acc, {a: 1.0 - v for a, v in acc.items()}, beta)
+    top = (w.runs["norm"] == "none") & (w.runs["lr"] == 0.25)
+    w.runs.loc[top, ["status", "best_val_acc", "test_acc_at_best_val"]] = ["diverged", np.nan, np.nan]
+    vs = {v.claim: v for v in p3.verdicts(w)}
+    for claim in P3_CORR:
+        assert vs[claim].outcome == "inconclusive"
+        assert [w_ for w_ in vs[claim].reasons if "do not beat chance" in w_ and "none (" in w_]
+        assert "left out" not in vs[claim].sentence
+
+
 def test_p3_grid_is_one_network_and_every_run_probes_ics_and_landscape():
     from bnlib.studies import get_study, p3
     s = get_study("p3")
@@ -370,10 +451,14 @@ def test_p3_grid_is_one_network_and_every_run_probes_ics_and_landscape():
         by_arm = {}
         for p, rest in zip(pts, shared):
             by_arm.setdefault(p["norm"], []).append(rest)
-        first = by_arm[p3.ARMS[0]]
-        assert all(v == first for v in by_arm.values())  # every arm: the same points except norm and lr
+        first = {repr(sorted(d.items())) for d in by_arm[p3.ARMS[0]]}
+        # every arm: the same points except norm and lr (ladders may differ in length)
+        assert all({repr(sorted(d.items())) for d in v} == first for v in by_arm.values())
+        if preset == "quick":  # the recipe (SkipInit, warm-up) is a recorded parameter of every arm's runs
+            assert all(p[k] == v for p in pts for k, v in p3.QUICK_RECIPE.items())
     quick = s.points("quick")
-    assert len(quick) == len(p3.ARMS) * 3 * 3
+    assert len(quick) == sum(len(p3.LR_LADDERS["quick"][a]) for a in p3.ARMS) * 3
+    assert len({tuple(sorted((k, repr(v)) for k, v in p.items())) for p in quick}) == len(quick)  # no duplicates
     for p in quick:
         bnlib.validate(p)
     n = len(conv_layers(build_model(bnlib.validate(quick[0]))))
