@@ -81,8 +81,11 @@ DEPTH_VARIANTS = ["bn", "skipinit", "skipinit_inv_sqrt_d", "none", "fixed_inv_sq
 # at the depth study's batch size: normalized nets train at larger rates than unnormalized ones
 # (P4), so one shared ladder would put some variant's optimum off its end. bnlib's choice.
 LR_LADDERS = {
-    "quick": {"bn": (0.1, 0.4), "skipinit": (0.025, 0.1), "skipinit_inv_sqrt_d": (0.025, 0.1),
-              "none": (0.01, 0.04), "fixed_inv_sqrt2": (0.01, 0.04), "skipinit_reg": (0.025, 0.1)},
+    # quick: single runs of WRN-1000-1 at full width, 16 steps (2026-11-26, seed 0, test accuracy):
+    # BN 0.22 / 0.28 / 0.25 / 0.20 at lr 0.05 / 0.1 / 0.2 / 0.4; SkipInit 0.22 / 0.34 / 0.42 / 0.10
+    # (stuck) at 0.025 / 0.05 / 0.1 / 0.2, diverged at 0.4; α = 1 diverged at 0.01 and 0.04
+    "quick": {"bn": (0.1, 0.2), "skipinit": (0.05, 0.1), "skipinit_inv_sqrt_d": (0.05, 0.1),
+              "none": (0.01, 0.04), "fixed_inv_sqrt2": (0.01, 0.04), "skipinit_reg": (0.05, 0.1)},
     "paper": {"bn": (0.025, 0.05, 0.1, 0.2), "skipinit": (0.0125, 0.025, 0.05, 0.1),
               "skipinit_inv_sqrt_d": (0.0125, 0.025, 0.05, 0.1), "none": (0.003, 0.01, 0.03, 0.1),
               "fixed_inv_sqrt2": (0.003, 0.01, 0.03, 0.1), "skipinit_reg": (0.0125, 0.025, 0.05, 0.1)},
@@ -91,20 +94,18 @@ LR_LADDERS = {
 # What each preset can and cannot show (the notebook prints it next to the verdicts).
 PRESET_NOTES = {
     "quick": "quick preset: Fashion-MNIST (real images), short training on CPU. Depth study: WRN-16-1, -100-1 and "
-             "-1000-1 at width 1/4 with a strided stem (7x7/2 conv and max-pool: the 1000-layer net's blocks run on "
-             "7x7 maps, which is what makes it trainable on 2 cores), 1 epoch of 1 024 images, 2 learning rates "
-             "per variant; at depth 1000 (the verdicts' depth) 3 seeds for BN, SkipInit and α = 1 and 1 for the "
-             "ablations α₀ = 1/√d and fixed α = 1/√2 (table only, no claim rests on them); 1 seed at depths 16 and "
-             "100. Batch-size "
-             "study: WRN-16-4 at width 1/4, 2 epochs of 2 048 images, batch "
-             "sizes 16/64/256, 3 learning rates (powers of 4 apart) per batch size, 3 seeds. 96 runs: 13 min wall "
-             "with --workers 2 on a 2-core machine at load 4-7 (measured 2026-11-26; ~7 min of CPU per core, "
-             "its idle time not measured). It can show the signal-propagation curves at init, which variants "
-             "train at which depth, and the batch-size interaction with intervals. It cannot show long-run "
-             "accuracies, CIFAR-10 numbers or the paper's fine learning-rate grid: run --preset paper for those "
-             "(GPU). With 2 rates per variant every depth-study choice sits at an end of its ladder, and 16 steps "
-             "at depth 1000 are few: SkipInit starts as a shallow net (α = 0) and need not leave chance in every "
-             "seed, so the depth verdicts can come out inconclusive at this budget.",
+             "-1000-1 at full width (16-64 channels) with a strided stem (7x7/2 conv and max-pool: the 1000-layer "
+             "net's blocks run on 7x7 maps, which is what makes it trainable on 2 cores), 1 epoch of 1 024 images "
+             "(16 steps at batch 64), 2 learning rates per variant; at depth 1000 (the verdicts' depth) 3 seeds for "
+             "BN, SkipInit and α = 1 and 1 for the ablations α₀ = 1/√d and fixed α = 1/√2 (table only, no claim "
+             "rests on them); 1 seed at depths 16 and 100. Batch-size study: WRN-16-4 at width 1/4, 2 epochs of "
+             "2 048 images, batch sizes 16/64/256, 3 learning rates (powers of 4 apart) per batch size, 3 seeds. "
+             "96 runs (cost: README, P5). It can show the signal-propagation curves at init, which variants train "
+             "at which depth after 16 steps, and the batch-size interaction with intervals. It cannot show "
+             "long-run accuracies, CIFAR-10 numbers or the paper's fine learning-rate grid: run --preset paper "
+             "for those (GPU). With 2 rates per variant every depth-study choice sits at an end of its ladder, "
+             "and with 3 seeds a paired interval on 16-step accuracies is wide: a non-inferiority margin of 5 "
+             "points can come out inconclusive even where SkipInit is ahead.",
     "paper": "paper preset: CIFAR-10, WRN-16/100/1000-1 and WRN-16-4 at full width, 200 epochs for depth, 4 "
              "learning rates per variant, batch sizes 16-1024 on a grid of powers of 2 of the learning rate, 3 "
              "seeds (bnlib's protocol: the paper publishes no code).",
@@ -416,8 +417,10 @@ def _depth_archs(depths) -> list[str]:
 
 
 # the quick depth study's sub-grid (without its archs)
-_QUICK_DEPTH = dict(variant=DEPTH_VARIANTS, lr_rung=[0, 1], stem=["imagenet"], n_train=[1024], epochs=[1],
-                    batch_size=[64], log_every=[4], probes=[["signal_propagation"]])
+# (full width: at width 1/4 the k = 1 nets have 4-16 channels, and SkipInit, which starts as
+# stem + classifier on 4 channels, stayed near chance at every rate: 0.10-0.18 in 16 steps)
+_QUICK_DEPTH = dict(variant=DEPTH_VARIANTS, lr_rung=[0, 1], stem=["imagenet"], width=[1.0], n_train=[1024],
+                    epochs=[1], batch_size=[64], log_every=[4], probes=[["signal_propagation"]])
 
 register_study(Study(
     name="p5",
@@ -429,14 +432,13 @@ register_study(Study(
     derive=derive,
     verdicts=verdicts,
     presets={
-        # Depth study: the 1000-layer net is built and trained, not skipped. A 498-block net at
-        # width 1/4 on 28x28 maps cost ~2.5 s per batch-64 step (one thread, load ~4 on the
-        # 2-core build machine); the strided stem brings its blocks to 7x7 maps (0.5-0.8 s per
-        # step with one intra-op thread, as a study worker has; ~7 s with two threads on a busy
-        # CPU), so 1 epoch of 1 024 images (16 steps) fits the budget. Whether BN and SkipInit
-        # leave chance in 16 steps at depth 1000 is what the reference verdict checks; in the
-        # run of 2026-11-26 (load 4-7) BN reached 0.33 ± 0.06 and SkipInit 0.18 ± 0.11 (3 seeds). The signal_propagation probe runs in every depth run
-        # (at init and at the epoch's end; 1.0-1.3 s per call at depth 1000, same conditions).
+        # Depth study: the 1000-layer net is built and trained, not skipped, at full width (at
+        # width 1/4, 4-16 channels, SkipInit stayed near chance: 0.18 ± 0.11 at depth 1000). The
+        # strided stem brings its blocks to 7x7 maps; 1 epoch of 1 024 images (16 steps) with one
+        # intra-op thread per study worker (two threads on busy cores spin: 6-7 s per step). In the
+        # run of 2026-11-26 (/tmp/p5w1_out, load 5 falling to 1) BN reached 0.31 ± 0.08 at depth
+        # 1000 and SkipInit 0.43 ± 0.06 (3 seeds); α = 1 and fixed 1/√2 diverged. The
+        # signal_propagation probe runs in every depth run (at init and at the epoch's end).
         # Batch-size study: 2 epochs of 2 048 images, so batch 256 still takes 16 steps. Precise
         # BN statistics at evaluation (running ones lag in runs this short).
         "quick": Preset(
@@ -452,8 +454,10 @@ register_study(Study(
                 dict(arch=_depth_archs([1000]), **{**_QUICK_DEPTH, "variant": ["skipinit_inv_sqrt_d", "fixed_inv_sqrt2"],
                                                    "seed": [0]}),
                 dict(arch=_depth_archs([100, 16]), **{**_QUICK_DEPTH, "seed": [0]}),
+                # rates base_lr·B/128 with base_lr 1/8, 1/2, 2: in the first run (1/32, 1/8, 1/2) BN's
+                # choice sat at the top rate at every batch size, SkipInit's at 16 and 64
                 dict(arch=[BATCH_ARCH], variant=["bn", "skipinit"], batch_size=[256, 64, 16],
-                     base_lr=[2 ** -5, 2 ** -3, 2 ** -1], n_train=[2048], epochs=[2], log_every=[4]),
+                     base_lr=[2 ** -3, 2 ** -1, 2 ** 1], n_train=[2048], epochs=[2], log_every=[4]),
             )),
         "paper": Preset(
             base=dict(dataset="cifar10", width=1.0, momentum=0.9, weight_decay=5e-4, schedule="cosine", n_train=None,
