@@ -194,15 +194,25 @@ def test_verdicts_are_inconclusive_when_the_runs_cannot_carry_them():
 
 
 def test_an_ablation_with_too_few_seeds_is_left_to_the_table_not_claimed():
-    # the quick preset runs fixed α = 1/√2 at depth 1000 with 1 seed: no paired claim rests on it
+    # the quick preset runs fixed α = 1/√2 at depth 1000 with 3 seeds: both comparisons are tested
     vs = {v.claim: v for v in p5.verdicts(_runs(_p5_depth, _p5_batch))}
+    both = vs["SkipInit trains the depth-1000 net where α = 1 and fixed α = 1/√2 do not"]
+    assert both.outcome == "supported" and len(both.effects) == 2 and "Not tested" not in both.sentence
+    # with one seed of fixed α = 1/√2 there, no paired claim rests on it
+    w = _runs(_p5_depth, _p5_batch)
+    r = w.runs
+    one = ~((r["arch"] == "wrn1000_1") & (r["residual_gain"] == True) & (r["alpha_learnable"] == False)  # noqa: E712
+            & (r["seed"] > 0))
+    w.runs = r[one]
+    vs = {v.claim: v for v in p5.verdicts(w)}
     v = vs["SkipInit trains the depth-1000 net where α = 1 does not"]
     assert v.outcome == "supported" and "Not tested" in v.sentence and "fixed α = 1/√2 (1 seed)" in v.sentence
     assert len(v.effects) == 1 and "n=3 matched pairs" in v.sentence
     # when every seed fails, SkipInit vs α = 1 is no longer supported
     fail = p5.verdicts(_runs(lambda v, d, lr: None if v == "skipinit" and d == 1000 else _p5_depth(v, d, lr),
                              _p5_batch))
-    assert {x.claim: x.outcome for x in fail}["SkipInit trains the depth-1000 net where α = 1 does not"] != "supported"
+    assert {x.claim: x.outcome for x in fail}[
+        "SkipInit trains the depth-1000 net where α = 1 and fixed α = 1/√2 do not"] != "supported"
 
 
 def test_a_choice_at_the_end_of_the_grid_is_said():
