@@ -435,7 +435,7 @@ register_study(Study(
         # width 1/4, 4-16 channels, SkipInit stayed near chance: 0.18 ± 0.11 at depth 1000). The
         # strided stem brings its blocks to 7x7 maps; 1 epoch of 1 024 images (16 steps) with one
         # intra-op thread per study worker (two threads on busy cores spin: 6-7 s per step). In the
-        # run of 2026-11-26 (/tmp/p5w1_out, load 5 falling to 1) BN reached 0.31 ± 0.08 at depth
+        # fresh-clone run of 2026-11-26 (README, P5) BN reached 0.31 ± 0.08 at depth
         # 1000 and SkipInit 0.43 ± 0.06 (3 seeds); α = 1 and fixed 1/√2 diverged. The
         # signal_propagation probe runs in every depth run (at init and at the epoch's end).
         # Batch-size study: 2 epochs of 2 048 images, so batch 256 still takes 16 steps. Precise
