@@ -55,7 +55,7 @@ QUICK_LANDSCAPE_STEPS = [0.5, 2.0]  # quick preset: η ∈ {0.5, 2}·lr (probe c
 # `lr_rung` indexes it), as P1 does (bnlib.studies.p1.LR_LADDERS): one shared sweep put some
 # arm's optimum off its end (the first quick run, one sweep {0.01, 0.05, 0.25} for all: affine
 # and none sat at chance at every rate). The quick ladders are for QUICK_RECIPE (SkipInit +
-# warm-up) and were read off a 3-rung run of it (2026-11-26, /tmp/p3size_a; mean test accuracy
+# warm-up) and were read off a 3-rung run of it (2026-11-26, 90 runs; mean test accuracy
 # over 3 seeds): bn / bn_minus / ghost_bn / noisy_bn 0.56 / 0.55 / 0.53 / 0.44 at 0.08, 0.71 /
 # 0.72 / 0.71 / 0.57 at 0.32, diverged at 1.28 in every seed; batch_renorm 0.52 at 0.08, 0.42 at
 # 0.32 (its optimum is not clear: it keeps three rungs); group_norm / layer_norm 0.36 / 0.32 at
