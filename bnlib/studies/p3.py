@@ -253,7 +253,8 @@ def verdicts(runs) -> list[stats.Verdict]:
         return [stats.Verdict("p3", "Less ICS goes with higher accuracy across arms", "inconclusive",
                               "Less ICS goes with higher accuracy across arms: INCONCLUSIVE — needs finished runs "
                               "of bn and none.", [], ["no runs of bn and none"])]
-    sel = selected(runs)
+    runs_all = per_run(runs)  # every finished run, once: the selection, the all-diverged arms, the ICS check
+    sel = stats.at_selected_lr(runs_all, ["norm"])  # as selected(runs)
     have = set(sel["norm"])
     bn_ok, bn_why = stats.beats_chance(sel.loc[sel["norm"] == "bn", "acc"], CHANCE)
     e0 = stats.paired_effect(sel, "norm", "bn", "none", "acc", ["seed"], alternative="greater")
@@ -267,8 +268,7 @@ def verdicts(runs) -> list[stats.Verdict]:
     # the arms the correlations rank: an arm that diverged at every rate of its ladder is left out
     # (named in the verdict; see the docstring); an arm at chance at its chosen rate makes them
     # inconclusive
-    fin = accuracy(r)
-    all_div = sorted(a for a, g in fin.groupby("norm") if not g["stable"].any())
+    all_div = sorted(a for a, g in runs_all.groupby("norm") if not g["stable"].any())
     ranked = sel[~sel["norm"].isin(all_div)]
     at_chance = []
     for arm, g in ranked.groupby("norm"):
@@ -329,8 +329,7 @@ def verdicts(runs) -> list[stats.Verdict]:
         # the step: the update of the earlier layers is lr times their gradient, so at their own
         # chosen rates a BN arm at 0.32 and the ICS-free arm at 0.04 would compare step sizes,
         # not normalizations). The largest shared rate at which neither arm diverged in any seed.
-        d = per_run(runs)
-        d = d[d["norm"].isin(["bn", "ics_free"])]
+        d = runs_all[runs_all["norm"].isin(["bn", "ics_free"])]
         ok = d.groupby(["lr", "norm"])["stable"].all().unstack("norm")
         shared = sorted(ok.dropna().index[ok.dropna().all(axis=1).to_numpy(bool)], reverse=True) \
             if {"bn", "ics_free"} <= set(ok.columns) else []
