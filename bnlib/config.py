@@ -19,6 +19,7 @@ import torch
 from .models import CONV_INITS, INPUT_NORMS, SHORTCUTS, arch_spec, parse_arch
 from .bnstats import EVAL_STATS
 from .bn_variants import NOISE_PER
+from .errors import ConfigError
 from .device import PRECISIONS, cpu_has_native_bf16, precisions_for, resolve_device, resolve_precision
 from .norms import NORMS, norm_names
 
@@ -184,10 +185,6 @@ class RunConfig:
 
 # Parameters that do not change what a run computes: left out of its identity (run id).
 IDENTITY_EXCLUDED = ("out_dir", "progress", "data_dir", "download")
-
-
-class ConfigError(ValueError):
-    """A bad parameter set; the message lists every problem, one line each."""
 
 
 def param_help() -> dict[str, str]:

@@ -30,6 +30,8 @@ import pandas as pd
 import torch
 
 from .config import IDENTITY_EXCLUDED
+from .errors import ConfigError, RecordError
+from .version import __version__
 from .norms import NORMS
 from .device import device_provenance
 
@@ -42,11 +44,6 @@ TABLES = ("epochs", "steps", "norm_params")  # every run has these
 # Tables a run has only when it records them (older runs, or a feature turned off): loaded when
 # present, an empty frame otherwise. channels: the final γ/β of every channel of every norm layer.
 OPTIONAL_TABLES = ("channels", "probes")  # probes: measurements inside training (bnlib.probes)
-
-
-class RecordError(ValueError):
-    """A record file that parses but does not have the shape bnlib writes (a list where an
-    object belongs, a string where metrics belong, ...); the message names the file."""
 
 
 def record_problem(name: str, obj) -> str | None:
@@ -108,8 +105,6 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def check_writable(out_dir: Path, min_free_mb: float = 50.0) -> None:
     """Fail before training when the outputs folder cannot take a run's records."""
-    from .config import ConfigError
-
     out_dir = Path(out_dir).expanduser()
     # Checked on the nearest folder that exists, creating nothing: a command rejected here (or
     # later, before its first run) leaves no empty outputs folder behind (issue 15).
@@ -162,8 +157,6 @@ def _device_name(device: torch.device) -> str:
 def provenance(cfg: dict) -> dict:
     import numpy
     import torchvision
-
-    from . import __version__
 
     dev = torch.device(cfg["device"])
     return {"bnlib_version": __version__, "git_commit": git_commit(), "torch": torch.__version__,

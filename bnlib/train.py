@@ -25,6 +25,7 @@ from filelock import Timeout
 from tqdm import tqdm
 
 from .config import validate
+from .errors import RunLocked
 from .checkpoint import checkpoint_problem, load_checkpoint, save_checkpoint, set_rng_states
 from .device import configure_backends
 from . import bnstats
@@ -415,10 +416,6 @@ def is_out_of_memory(e: BaseException) -> bool:
     msg = str(e).lower()
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in msg \
         or "can't allocate memory" in msg
-
-
-class RunLocked(RuntimeError):
-    """Another live process is running this run (same parameters, same outputs folder)."""
 
 
 def run(params: dict | None = None, rerun: bool = False, **kw) -> RunResult:
