@@ -19,7 +19,9 @@ each run, so one run's settings never leak into the next run of the same process
 from __future__ import annotations
 
 import os
+import platform
 import re
+import socket
 import subprocess
 
 import torch
@@ -179,3 +181,37 @@ def device_provenance(device: torch.device | str) -> dict:
                    gpu_memory_gib=round(p.total_memory / 2**30, 2), gpu_uuid=str(getattr(p, "uuid", "")) or None,
                    gpu_count=torch.cuda.device_count(), driver_version=_nvidia_driver())
     return {**out, **backend_flags()}
+
+
+def _cpu_info() -> dict:
+    """The CPU's model name and the instruction-set flags bf16 speed depends on."""
+    name, flags = platform.processor() or "cpu", ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        name = m.group(1).strip() if m else name
+        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = m.group(1) if m else ""
+    except OSError:
+        pass
+    fl = set(flags.split())
+    return {"model_name": name, **{f: f in fl for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")}}
+
+
+def machine(device: torch.device | str) -> dict:
+    """The one description of the machine a run or a benchmark ran on: host, device and its
+    name (the GPU's, else the CPU model), CPU flags, threads, library versions, and
+    device_provenance's CUDA/GPU/backend keys. Run records (bnlib.records.provenance), the
+    bench tables and the cost planner read it."""
+    import numpy
+    import torchvision
+
+    dev = torch.device(device)
+    cpu = _cpu_info()
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    return {"hostname": socket.gethostname(), "device": str(dev), "device_type": dev.type,
+            "device_name": gpu or (cpu["model_name"] if dev.type == "cpu" else dev.type), "cpu": cpu,
+            "threads": torch.get_num_threads(), "os_cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, **device_provenance(dev)}

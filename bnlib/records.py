@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ from .config import IDENTITY_EXCLUDED
 from .errors import ConfigError, RecordError
 from .version import __version__
 from .norms import NORMS
-from .device import device_provenance
+from .device import machine
 
 __all__ = ["run_id", "provenance", "config_record", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
            "check_writable", "STATUSES", "FINISHED", "RecordError", "record_problem"]
@@ -139,33 +138,12 @@ def git_commit() -> str | None:
     return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for ln in fh:
-                    if ln.startswith("model name"):
-                        return ln.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or "cpu"
-    return device.type
-
-
 def provenance(cfg: dict) -> dict:
-    import numpy
-    import torchvision
-
-    dev = torch.device(cfg["device"])
-    return {"bnlib_version": __version__, "git_commit": git_commit(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__, "pandas": pd.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "device": str(dev), "device_name": _device_name(dev), "precision": cfg["precision"],
-            "threads": torch.get_num_threads(), "hostname": platform.node(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            **device_provenance(dev)}  # CUDA/cuDNN/driver, GPU and capability, TF32/cuDNN flags in force
+    """bnlib's version and commit, the machine (bnlib.device.machine: host, device, library
+    versions, CUDA/cuDNN/driver, GPU and capability, TF32/cuDNN flags in force), the precision."""
+    return {"bnlib_version": __version__, "git_commit": git_commit(), "pandas": pd.__version__,
+            **machine(cfg["device"]), "precision": cfg["precision"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def config_record(rd: "RunDir", rid: str, cfg: dict, resuming: bool) -> dict:
