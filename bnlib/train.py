@@ -28,7 +28,7 @@ from .config import validate
 from .errors import RunLocked
 from .checkpoint import checkpoint_problem, load_checkpoint, save_checkpoint, set_rng_states
 from .device import configure_backends
-from . import bnstats
+import bnlib.bnstats as bnstats
 from .bnstats import fixed_batches
 from .data import augment, check_data, load_data, steps_per_epoch, to_input
 from .models import create_model, norm_layers, param_roles

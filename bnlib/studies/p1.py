@@ -20,8 +20,8 @@ import math
 
 import pandas as pd
 
-from .. import stats
-from . import Preset, Study, register_study
+import bnlib.stats as stats
+from .base import Preset, Study, register_study
 
 ARMS = ["bn", "bn_minus", "affine", "affine_bn_init", "none"]
 CELL = ["arch", "batch_size"]  # a grid cell; seeds are matched within it

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .. import stats
-from . import Preset, Study, register_study
+import bnlib.stats as stats
+from .base import Preset, Study, register_study
 
 GAMMA0S = [1.0, 0.5, 0.25, 0.1, 0.05]  # P2's sweep of initial scales
 CS = [1, 100]  # γ's learning rate is lr / c

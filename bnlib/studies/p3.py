@@ -36,8 +36,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .. import stats
-from . import Preset, Study, register_study
+import bnlib.stats as stats
+from .base import Preset, Study, register_study
 from .p4 import largest_stable_lr  # P4's definition of a stable rate, shared, not restated
 
 ARMS = ["bn", "bn_minus", "affine", "none", "noisy_bn", "ics_free", "group_norm", "layer_norm", "batch_renorm",

@@ -26,8 +26,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .. import stats
-from . import Preset, Study, register_study
+import bnlib.stats as stats
+from .base import Preset, Study, register_study
 
 ARMS = ["bn", "none"]
 PAPER_LRS = (1e-4, 3e-3, 0.1)  # P4 Fig. 1

@@ -42,9 +42,9 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .. import stats
+import bnlib.stats as stats
 from ..models import num_blocks
-from . import Preset, Study, register_study
+from .base import Preset, Study, register_study
 
 METRIC = "test_acc_at_best_val"
 CHANCE = 0.1  # Fashion-MNIST and CIFAR-10: 10 classes

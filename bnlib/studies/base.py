@@ -1,0 +1,78 @@
+"""The study registry: `Study` (a named grid of run.ipynb parameters with presets, an analysis
+notebook and a verdict function) and `Preset`; each paper's module registers one."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Preset", "Study", "STUDIES", "register_study", "get_study", "study_names"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    base: dict  # run parameters shared by every grid point
+    grid: dict  # axis name -> list of values; the runs are the product of the axes
+    derive: Callable[[dict], dict] | None = None  # this preset's own derive (else the study's)
+    # Sub-experiments with different grids (P5: depth x variant, batch size x lr): when given,
+    # the runs are the union over sub-grids of the product of `grid` and that sub-grid (its axes
+    # replace `grid`'s of the same name; a one-value axis fixes a parameter for that sub-grid
+    # only), in order, a point that two sub-grids share counted once.
+    subgrids: tuple = ()
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    notebook: str | None  # analysis notebook, relative to notebooks/ (None: the summary covers it)
+    presets: dict[str, Preset]
+    derive: Callable[[dict], dict] | None = None  # point -> extra/overriding parameters
+    doc: str = ""
+    axes_note: dict = field(default_factory=dict)
+    # verdicts(runs: bnlib.Runs) -> list[bnlib.stats.Verdict]: the study's claims, decided
+    verdicts: Callable | None = None
+
+    def points(self, preset: str, dataset: str | None = None) -> list[dict]:
+        """Every run's parameters, in grid order (first axis slowest). `dataset` replaces the
+        preset's data set in every point (the other parameters stay as the preset sets them)."""
+        if preset not in self.presets:
+            raise ValueError(f"preset={preset!r} is not defined for study {self.name!r}; "
+                             f"valid choices: {sorted(self.presets)}")
+        p = self.presets[preset]
+        out = []
+        for grid in ([{**p.grid, **g} for g in p.subgrids] or [p.grid]):
+            keys = list(grid)
+            for values in itertools.product(*(grid[k] for k in keys)):
+                point = {**p.base, **dict(zip(keys, values))}
+                if dataset is not None:
+                    point["dataset"] = dataset
+                derive = p.derive or self.derive
+                if derive is not None:
+                    point.update(derive(point))
+                if not p.subgrids or point not in out:
+                    out.append(point)
+        return out
+
+    def axes(self, preset: str) -> list[str]:
+        p = self.presets[preset]
+        return list(dict.fromkeys([*p.grid, *(k for g in p.subgrids for k in g)]))
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def register_study(study: Study) -> Study:
+    STUDIES[study.name] = study
+    return study
+
+
+def study_names() -> list[str]:
+    return list(STUDIES)
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise ValueError(f"study={name!r} is not a known study; valid choices: {study_names() + ['all']}")
+    return STUDIES[name]
+
