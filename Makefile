@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 DATASET ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv study test lab bench clean-outputs
+.PHONY: venv study test lab bench params clean-outputs
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# notebooks/run.ipynb's parameters cell, regenerated from bnlib.RunConfig (after adding a parameter)
+params: $(STAMP)
+	$(PY) scripts/sync_params.py
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

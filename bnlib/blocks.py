@@ -104,10 +104,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, cin, planes, stride, norm_layer, gain: nn.Module | None, shortcut: str = "B",
                  conv_bias: bool = False, dropout: float = 0.0):
-        super().__init__()
-        if dropout > 0:
-            raise ValueError(f"dropout={dropout} with bottleneck blocks: in-block dropout (WRN) sits between "
-                             f"two 3x3 convs, which bottleneck blocks do not have; valid here: 0")
+        super().__init__()  # dropout: the factory's rules (bnlib.models.model_problems) allow only 0 here
         cout = planes * self.expansion
         self.conv1 = nn.Conv2d(cin, planes, 1, bias=conv_bias)
         self.bn1 = norm_layer(planes)

@@ -13,34 +13,27 @@ interrupted before this version still resumes.
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
+import bnlib.rng as rng
 from .records import atomic_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_problem", "rng_states", "set_rng_states"]
 
 
 def rng_states(gen: torch.Generator, device: torch.device) -> dict:
-    """Every random number state a run draws from, as CPU objects."""
-    states = {"generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-              "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
-    if device.type == "cuda":
-        # the run's device only: a run resumed on cuda:1 that started on cuda:0 continues its own stream
-        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    """Every random number state a run draws from, as CPU objects (bnlib.rng), under the key
+    names checkpoints have always used."""
+    # the run's device only: a run resumed on cuda:1 that started on cuda:0 continues its own stream
+    states = rng.get_state((gen,), cuda=device if device.type == "cuda" else None)
+    states["generator"] = states.pop("generators")[0]
     return states
 
 
 def set_rng_states(states: dict, gen: torch.Generator, device: torch.device) -> None:
-    gen.set_state(states["generator"].cpu())
-    torch.set_rng_state(states["torch_rng"].cpu())
-    np.random.set_state(states["numpy_rng"])
-    random.setstate(states["python_rng"])
-    if device.type == "cuda" and states.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(states["cuda_rng"].cpu(), device)
+    rng.set_state({**states, "generators": [states["generator"]]}, (gen,), cuda=device)
 
 
 def save_checkpoint(path: Path, state: dict, gen: torch.Generator, device: torch.device) -> None:

@@ -12,7 +12,14 @@ from dataclasses import fields
 
 import yaml
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .costplan import print_plan
+from .errors import ConfigError, RunLocked
+from .grid import run_all, run_study
+from .records import FINISHED
+from .report import build_report
+from .studies import study_names
+from .train import run
 
 
 # YAML 1.1 (PyYAML) reads `1e-3` as a string (its floats need a dot: `1.0e-3`); papermill's -p
@@ -66,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(f"--{f.name}", type=str if f.metadata.get("path") else _yaml_value, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
     r.add_argument("--rerun", action="store_true", help="train again even if the run exists")
-    from .studies import study_names
-
     s = sub.add_parser("study", help="run (or resume) a study grid through papermill, then its analysis",
                        allow_abbrev=False)
     s.add_argument("name", help=f"one of {study_names()} or 'all' (every study, the summary and the report)")
@@ -154,8 +159,6 @@ def main(argv=None) -> int:
         print("interrupted: finished work is kept; run the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 — the catch-all: one line, never a traceback
-        from .train import RunLocked
-
         if os.environ.get("BNLIB_TRACEBACK"):
             raise
         msg = " ".join(str(e).split())[:400]
@@ -184,8 +187,6 @@ def _main(argv) -> int:
         print(f"error: unrecognized arguments: {' '.join(extra)}; see python -m bnlib {cmd} --help", file=sys.stderr)
         return 2
     if cmd == "run":
-        from .train import run
-
         rerun = args.pop("rerun")
         args.update(_unknown_flags(extra))
         try:
@@ -198,12 +199,8 @@ def _main(argv) -> int:
                   file=sys.stderr)
             return 130
         print(json.dumps({k: res.get(k) for k in ("status", "diverged_step", "metrics", "run_dir")}, indent=1))
-        from .records import FINISHED
-
         return 0 if res["status"] in FINISHED else 1
     if cmd == "study":
-        from .grid import run_all, run_study
-
         if args["workers"] < 1:
             print(f"error: --workers={args['workers']}: must be >= 1", file=sys.stderr)
             return 2
@@ -214,8 +211,6 @@ def _main(argv) -> int:
         retries = {} if args["retries"] is None else {"retries": args["retries"]}
         try:
             if args["plan"]:
-                from .costplan import print_plan
-
                 print_plan(args["name"], args["preset"], args["out"], args["dataset"], cluster)
                 return 0
             if args["name"] == "all":
@@ -234,8 +229,6 @@ def _main(argv) -> int:
             return 130
         return 1 if failed else 0
     if cmd == "report":
-        from .report import build_report
-
         print(build_report(args["out"]))
         return 0
     return 2

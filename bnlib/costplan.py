@@ -16,8 +16,11 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+from .cluster import slurm_cluster
 from .config import TRAIN_POOL
+from .grid import plan
 from .records import FINISHED
+from .studies import STUDIES, get_study
 
 __all__ = ["train_images", "grid_cost", "load_throughput", "estimate", "format_plan", "THROUGHPUT"]
 
@@ -114,9 +117,6 @@ def print_plan(name: str, preset: str = "quick", out="outputs", dataset: str | N
     the CPU and, where one is present, on the GPU; with cluster {"kind": "slurm", ...} also the
     job script dask-jobqueue would submit. Trains nothing, writes nothing, needs no data files."""
     import torch
-
-    from .grid import plan, slurm_cluster
-    from .studies import STUDIES, get_study
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     names = list(STUDIES) if name == "all" else [name]

@@ -29,10 +29,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import TRAIN_POOL, ConfigError
+from .errors import ConfigError
 
-__all__ = ["DeviceData", "DATASETS", "load_data", "make_synthetic", "stratified_split", "augment",
-           "to_input", "check_data"]
+__all__ = ["DeviceData", "DATASETS", "DATASET_NAMES", "TRAIN_POOL", "load_data", "make_synthetic",
+           "stratified_split", "split_sizes", "data_shape", "augment", "to_input", "check_data"]
+
+DATASET_NAMES = ("synthetic", "fashion_mnist", "cifar10", "cifar100")
+TRAIN_POOL = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}  # file data sets: training images
+
+
+def split_sizes(cfg: dict) -> tuple[int, int, int]:
+    """(training-pool images, validation images, training images after the n_train cap) of a run,
+    without loading anything: exactly what load_data's stratified_split and cap take."""
+    pool = cfg["synthetic_size"] if cfg["dataset"] == "synthetic" else TRAIN_POOL[cfg["dataset"]]
+    n_val = int(round(cfg["val_fraction"] * pool))
+    n = pool - n_val
+    return pool, n_val, (min(n, cfg["n_train"]) if cfg.get("n_train") is not None else n)
+
+
+def data_shape(cfg: dict) -> tuple[int, int, int, int]:
+    """(pixels per image, channels, training-pool images, test images) of the run's data set,
+    without loading it: what the memory estimates count."""
+    fashion, synthetic = cfg["dataset"] == "fashion_mnist", cfg["dataset"] == "synthetic"
+    pool = split_sizes(cfg)[0]
+    return (28 * 28 if fashion else 32 * 32), (1 if fashion else 3), pool, (pool // 5 if synthetic else 10000)
 
 
 @dataclass

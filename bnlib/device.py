@@ -61,6 +61,27 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def check_device(device: str) -> str | None:
+    """An error line when `device` is not a torch device this machine has, else None."""
+    if device == "auto":
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"device={device!r}: not a torch device; valid choices: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"device={device!r}: CUDA is not available on this machine; use 'auto' or 'cpu'"
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return f"device={device!r}: MPS is not available on this machine; use 'auto' or 'cpu'"
+    elif d.type != "cpu":
+        return f"device={device!r}: valid choices: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'"
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():

@@ -21,6 +21,7 @@ confounds BN studies is an explicit argument, recorded in each run's config:
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -139,6 +140,34 @@ INPUT_NORMS = ("dataset", "raw", "bn")
 CONV_INITS = ("kaiming_fan_in", "kaiming_fan_out", "torch_default")
 
 
+def model_problems(block: str, *, norm: str, zero_init_last_gamma: bool = False, dropout: float = 0.0,
+                   fc_dropout: float = 0.0, shortcut: str = "B", arch: str | None = None) -> list[str]:
+    """The rules a network's options must follow together, stated once: error lines (empty when
+    the combination can be built). The factory raises them, bnlib.config.validate reports them."""
+    kind = {"basic": "basic blocks", "bottleneck": "bottleneck blocks", "preact": "pre-activation blocks"}[block]
+    at = f"arch={arch!r} ({kind})" if arch else kind
+    out = []
+    if shortcut not in SHORTCUTS:
+        out.append(f"shortcut={shortcut!r}: not a valid choice; valid choices: {list(SHORTCUTS)}")
+    elif shortcut == "A" and block == "bottleneck":
+        out.append(f"shortcut='A' with {at}: option A is for basic-block nets; valid choices here: ['B']")
+    for name, p in (("dropout", dropout), ("fc_dropout", fc_dropout)):
+        if not 0 <= p < 1:
+            out.append(f"{name}={p}: a dropout rate must be in [0, 1)")
+    if dropout > 0 and block == "bottleneck":
+        out.append(f"dropout={dropout} with {at}: in-block dropout sits between two 3x3 convs (WRN), which "
+                   f"bottleneck blocks lack; valid here: 0, or a basic-block arch (resnet18/34, resnet{{6n+2}}, "
+                   f"wrn{{6n+4}}_{{k}})")
+    if zero_init_last_gamma and norm in NORMS and not NORMS[norm].has_gamma:
+        out.append(f"zero_init_last_gamma=True: norm={norm!r} has no γ; valid norms for it: "
+                   f"{[k for k, s in NORMS.items() if s.has_gamma]}")
+    if zero_init_last_gamma and block == "preact":
+        out.append(f"zero_init_last_gamma=True with {at}: the last norm of a pre-activation branch feeds relu "
+                   f"and a conv, a zero γ there never recovers; valid choices here: [False] (start blocks at the "
+                   f"identity with residual_gain=True, alpha0=0)")
+    return out
+
+
 class ResNet(nn.Module):
     def __init__(self, block: str, layers, widths, *, num_classes=10, norm="bn", gamma0=1.0,
                  width=1.0, stem="cifar", zero_init_last_gamma=False, residual_gain=False,
@@ -152,16 +181,10 @@ class ResNet(nn.Module):
         norm_layer = get_norm(norm, gamma0=gamma0, eps=bn_eps, momentum=bn_momentum, **(norm_options or {}))
         Block = BLOCKS[block]
         preact = Block is PreActBlock
-        if shortcut not in SHORTCUTS or (shortcut == "A" and block == "bottleneck"):
-            raise ValueError(f"shortcut={shortcut!r} with {block} blocks; valid choices: "
-                             f"{['B'] if block == 'bottleneck' else list(SHORTCUTS)} (option A is for basic-block nets)")
-        for name, p in (("dropout", dropout), ("fc_dropout", fc_dropout)):
-            if not 0 <= p < 1:
-                raise ValueError(f"{name}={p}: a dropout rate must be in [0, 1)")
-        if zero_init_last_gamma and preact:
-            raise ValueError("zero_init_last_gamma=True with pre-activation blocks: their last norm feeds relu "
-                             "and conv2, a zero γ there never recovers; valid choices: [False] (start blocks "
-                             "at the identity with residual_gain=True, alpha0=0 instead)")
+        problems = model_problems(block, norm=norm, zero_init_last_gamma=zero_init_last_gamma, dropout=dropout,
+                                  fc_dropout=fc_dropout, shortcut=shortcut)
+        if problems:
+            raise ValueError("; ".join(problems))
         chans = [max(1, round(w * width)) for w in widths]
         self.checkpoint_blocks = checkpoint_blocks
 
@@ -211,9 +234,6 @@ class ResNet(nn.Module):
                 # conv_bias: biases start at 0, so at init the net computes what it computes without them
                 nn.init.zeros_(m.bias)
         if zero_init_last_gamma:
-            if not NORMS[norm].has_gamma:
-                raise ValueError(f"zero_init_last_gamma=True needs a norm with γ; norm={norm!r} has "
-                                 f"none; valid choices: {[k for k, s in NORMS.items() if s.has_gamma]}")
             for b in self.blocks():
                 nn.init.zeros_(b.last_norm.weight)
         if NORMS[norm].attach is not None:  # the norm's model-level part (bnlib.norms.NormSpec.attach)
@@ -294,6 +314,37 @@ def middle_conv(model: nn.Module) -> tuple[int, str, nn.Conv2d]:
     """The conv at index len // 2 of conv_layers: P4's default layer for gradient histograms."""
     convs = conv_layers(model)
     return convs[len(convs) // 2]
+
+
+# the run parameters the factory reads (besides arch and the norm's own options)
+MODEL_KEYS = ("norm", "gamma0", "width", "stem", "zero_init_last_gamma", "residual_gain", "alpha0",
+              "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum", "shortcut", "zero_bias",
+              "dropout", "fc_dropout", "conv_bias", "checkpoint_blocks")
+
+
+def build_model(cfg: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes: int = 10) -> ResNet:
+    """The run's network from its config; the input channel count follows the data set's (len(mean))."""
+    return create_model(cfg["arch"], num_classes=num_classes, input_mean=mean, input_std=std,
+                        in_channels=len(mean), **{k: cfg[k] for k in MODEL_KEYS},
+                        norm_options={k: cfg[k] for k in NORMS[cfg["norm"]].options})
+
+
+def _key(cfg: dict) -> tuple:
+    keys = ("arch", *MODEL_KEYS, *(NORMS[cfg["norm"]].options if cfg.get("norm") in NORMS else ()))
+    return tuple((k, cfg.get(k)) for k in keys)  # scalars: hashable
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_model(key: tuple, in_channels: int) -> ResNet:
+    with torch.device("meta"):
+        return build_model(dict(key), mean=(0.0,) * in_channels, std=(1.0,) * in_channels)
+
+
+def meta_model(cfg: dict, in_channels: int = 3) -> ResNet:
+    """The run's network on PyTorch's meta device: shapes only, nothing allocated or initialized
+    (what validation counts: conv layers, channels, parameters, activations). Cached per model
+    configuration; treat it as read-only. ValueError when the config cannot be built."""
+    return _meta_model(_key(cfg), in_channels)
 
 
 def create_model(arch: str = "resnet18", **kw) -> ResNet:

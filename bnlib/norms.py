@@ -11,14 +11,15 @@ factory injects (as torchvision's resnet.py does). A new variant is one `@regist
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .bn_variants import (BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, IcsFreeBatchNorm2d, NoisyBatchNorm2d,
-                          StaleBatchNorm2d, attach_reference_pass)
+                          NOISE_PER, StaleBatchNorm2d, attach_reference_pass)
+from .params import Param
 
 __all__ = ["Affine2d", "BatchInitAffine2d", "NormSpec", "NORMS", "ROLES", "register_norm", "get_norm", "norm_names",
            "tag_norm"]
@@ -72,10 +73,11 @@ class NormSpec:
     roles from here, so a new norm (GroupNorm, LayerNorm, ...) is grouped and tracked with no
     edit elsewhere. Default: weight -> scale when has_gamma, bias -> shift when has_beta.
 
-    `options` names the run parameters (bnlib.config.RunConfig fields) the entry's build reads
-    besides γ0, ε and momentum, e.g. ("norm_groups",): `get_norm` passes them (their RunConfig
-    defaults when not given) and bnlib.train.build_model takes them from the run's config, so a
-    norm with options needs no edit elsewhere. `check(cfg, model)` returns error lines for
+    `options` declares the run parameters the entry's build reads besides γ0, ε and momentum,
+    name -> bnlib.params.Param (type, default, range, help), e.g. {"norm_groups": Param(8, ...)}:
+    bnlib.config assembles RunConfig from them, `get_norm` passes them (their defaults when not
+    given) and bnlib.models.build_model takes them from the run's config, so a norm with options
+    is one entry here. `check(cfg, model)` returns error lines for
     option values that are in range but do not fit the rest of the run (bnlib.config.validate
     calls it; `model()` builds the run's network on the meta device).
 
@@ -93,7 +95,7 @@ class NormSpec:
     batch_stats: bool
     doc: str
     param_roles: tuple = ()  # ((attribute, role), ...); empty: derived from has_gamma/has_beta
-    options: tuple = ()  # RunConfig field names passed to build as keyword arguments
+    options: dict = field(default_factory=dict, compare=False)  # name -> Param, passed to build as keywords
     check: Callable[[dict, Callable[[], nn.Module]], list] | None = None
     attach: Callable[[nn.Module], object] | None = None  # attach(network), once, by the model factory
 
@@ -111,7 +113,7 @@ ROLES = ("scale", "shift")
 
 
 def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bool, doc: str,
-                  param_roles: dict[str, str] | None = None, options: tuple = (), check=None, attach=None):
+                  param_roles: dict[str, str] | None = None, options: dict | None = None, check=None, attach=None):
     def deco(build):
         if name in NORMS:
             raise ValueError(f"norm {name!r} is registered twice")
@@ -119,7 +121,7 @@ def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bo
         if bad:
             raise ValueError(f"norm {name!r}: param_roles {sorted(bad)} unknown; valid roles: {list(ROLES)}")
         NORMS[name] = NormSpec(name, build, has_gamma, has_beta, batch_stats, doc,
-                               tuple(sorted((param_roles or {}).items())), tuple(options), check, attach)
+                               tuple(sorted((param_roles or {}).items())), dict(options or {}), check, attach)
         return build
 
     return deco
@@ -175,7 +177,17 @@ def _none(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
 @register_norm("noisy_bn", has_gamma=True, has_beta=True, batch_stats=True,
                doc="BN followed by Santurkar et al. 2018's time-varying noise a <- s·a + m (non-zero mean, "
                    "non-unit scale, redrawn every train-mode step; none in eval): BN with deliberate ICS",
-               options=("noise_mean_range", "noise_scale_max", "noise_mean_spread", "noise_scale_std", "noise_per"))
+               options={
+                   "noise_mean_range": Param(0.5, "noisy_bn: per layer and step the noise mean μ ~ U(-a, a) "
+                                             "(Santurkar et al. 2018: 0.5)", lo=0),
+                   "noise_scale_max": Param(1.25, "noisy_bn: per layer and step the noise scale σ ~ U(1, b) "
+                                            "(Santurkar: 1.25)", lo=1),
+                   "noise_mean_spread": Param(0.1, "noisy_bn: per element the additive noise m ~ U(μ - r, μ + r) "
+                                              "(Santurkar: 0.1)", lo=0),
+                   "noise_scale_std": Param(0.1, "noisy_bn: per element the multiplicative noise s ~ N(σ, r²) "
+                                            "(Santurkar: 0.1)", lo=0),
+                   "noise_per": Param("layer", "noisy_bn: μ, σ drawn once per layer per step ('layer', as the P3 "
+                                      "spec reads Santurkar) or per channel per step ('channel')", choices=NOISE_PER)})
 def _noisy_bn(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, **noise):
     return _set_gamma(NoisyBatchNorm2d(num_features, eps, momentum, **noise), gamma0)
 
@@ -215,7 +227,9 @@ def _check_groups(cfg: dict, model: Callable[[], nn.Module]) -> list[str]:
 @register_norm("group_norm", has_gamma=True, has_beta=True, batch_stats=False,
                doc="GroupNorm (Wu & He 2018): per sample, each of norm_groups groups of channels normalized "
                    "over (C/groups, H, W); per-channel γ, β; no batch statistics",
-               options=("norm_groups",), check=_check_groups)
+               options={"norm_groups": Param(8, "group_norm: groups of channels (Wu & He 2018 use 32; must divide every "
+                                                "channel count of the net at its width)", lo=1)},
+               check=_check_groups)
 def _group_norm(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, *, norm_groups):
     return _set_gamma(GroupNorm2d(num_features, norm_groups, eps), gamma0)
 
@@ -231,7 +245,13 @@ def _layer_norm(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
                doc="Batch Renormalization (Ioffe 2017): BN corrected towards the running statistics by "
                    "r in [1/renorm_r_max, renorm_r_max], d in [-renorm_d_max, renorm_d_max] (no gradient), "
                    "limits ramped from (1, 0) over renorm_warmup_steps",
-               options=("renorm_r_max", "renorm_d_max", "renorm_warmup_steps"))
+               options={
+                   "renorm_r_max": Param(3.0, "batch_renorm: r clipped to [1/r_max, r_max] (Ioffe 2017's final "
+                                         "value 3; 1: BN)", lo=1),
+                   "renorm_d_max": Param(5.0, "batch_renorm: d clipped to [-d_max, d_max] (Ioffe 2017's final "
+                                         "value 5; 0: BN)", lo=0),
+                   "renorm_warmup_steps": Param(100, "batch_renorm: steps over which the limits grow linearly from "
+                                                "(1, 0) to (r_max, d_max) (0: fixed from the start)", lo=0)})
 def _batch_renorm(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, **limits):
     return _set_gamma(BatchRenorm2d(num_features, eps, momentum, **limits), gamma0)
 
@@ -249,7 +269,9 @@ def _check_ghost(cfg: dict, model: Callable[[], nn.Module]) -> list[str]:
 @register_norm("ghost_bn", has_gamma=True, has_beta=True, batch_stats=True,
                doc="ghost BN (Hoffer et al. 2017): BN over virtual batches of ghost_batch_size samples in "
                    "training; running statistics averaged over them; eval as BN",
-               options=("ghost_batch_size",), check=_check_ghost)
+               options={"ghost_batch_size": Param(32, "ghost_bn: samples per virtual batch (must divide batch_size; "
+                                                     "= batch_size: BN)", lo=2)},
+               check=_check_ghost)
 def _ghost_bn(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, *, ghost_batch_size):
     return _set_gamma(GhostBatchNorm2d(num_features, eps, momentum, ghost_batch_size=ghost_batch_size), gamma0)
 
@@ -265,9 +287,7 @@ def get_norm(name: str, gamma0: float = 1.0, eps: float = 1e-5,
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
         raise ValueError(f"norm={name!r} takes no option(s) {unknown}; its options: {list(spec.options)}")
-    if spec.options:
-        from .config import RunConfig  # the one table of defaults (config imports this module)
-        options = {**{k: getattr(RunConfig, k) for k in spec.options}, **options}
+    options = {**{k: p.default for k, p in spec.options.items()}, **options}
 
     def norm_layer(num_features: int) -> nn.Module:
         return tag_norm(spec.build(num_features, gamma0=gamma0, eps=eps, momentum=momentum, **options), spec)

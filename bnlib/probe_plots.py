@@ -11,13 +11,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .plots import _theme
+
 __all__ = ["acc_curves_by_lr", "acc_vs_lr_stability", "rel_loss_vs_step", "grad_histograms",
            "channel_moments_vs_depth", "ics_over_training", "landscape_bands", "arms_vs_accuracy",
            "signal_propagation_vs_block", "trainability_vs_depth", "batch_size_curves"]
-
-
-def _theme():
-    sns.set_theme(style="whitegrid", context="notebook")
 
 
 def _colors(values) -> dict:

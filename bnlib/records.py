@@ -344,3 +344,19 @@ def load_runs(path="outputs/runs", statuses=FINISHED, run_ids=None) -> Runs:
 
     return Runs(runs, join("epochs"), join("steps"), join("norm_params"), skipped, channels=join("channels"),
                 probes=join("probes"))
+
+
+def load_study(out="outputs", study: str = "p1"):
+    """The runs of one study (from its manifest) as bnlib.Runs, plus the manifest."""
+    out = Path(out)
+    path = out / "studies" / study / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"study={study!r}: its manifest {str(path)!r} cannot be read ({type(e).__name__}: {e}); "
+                          f"run the study (python -m bnlib study {study}) to write it") from None
+    if (problem := record_problem("manifest", manifest)) is not None:
+        raise ConfigError(f"study={study!r}: {str(path)!r} has the wrong shape ({problem}); run the study again "
+                          f"to rewrite it") from None
+    runs = load_runs(out / "runs", run_ids=set(manifest["run_ids"]))
+    return runs, manifest

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 
+from .errors import ConfigError
 from .records import RunDir, atomic_write
 
 __all__ = ["build_report", "render_notebook"]
@@ -62,8 +63,6 @@ def build_report(out="outputs") -> Path:
     """Render summary, studies and runs; write report/index.html. Returns its path. An `out`
     that is not an outputs folder (missing, a file, nothing in it to report) raises ConfigError
     before report/ is made."""
-    from .config import ConfigError
-
     out = Path(os.fspath(out)).expanduser()
     if not out.is_dir():
         raise ConfigError(f"out={str(out)!r}: {'a file, not a folder' if out.exists() else 'does not exist'}; "

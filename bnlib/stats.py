@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from .records import atomic_write
+
 __all__ = ["Effect", "Verdict", "select_lr", "at_selected_lr", "paired_effect", "contrast_effect",
            "ratio_interval", "rank_correlation", "rank_correlation_difference", "beats_chance", "decide",
            "decide_margin", "all_of", "verdict_table", "write_verdicts", "read_verdicts", "OUTCOMES"]
@@ -361,8 +363,6 @@ def verdict_table(verdicts: list[Verdict]) -> pd.DataFrame:
 
 def write_verdicts(out, study: str, verdicts: list[Verdict]) -> Path:
     """outputs/studies/<study>/verdicts.json: read by the report's index and the summary."""
-    from .records import atomic_write
-
     path = Path(out) / "studies" / study / "verdicts.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps([asdict(v) for v in verdicts], indent=1, default=float).encode())

@@ -31,7 +31,7 @@ from .device import configure_backends
 import bnlib.bnstats as bnstats
 from .bnstats import fixed_batches
 from .data import augment, check_data, load_data, steps_per_epoch, to_input
-from .models import create_model, norm_layers, param_roles
+from .models import build_model, create_model, norm_layers, param_roles
 from .norms import NORMS
 from .probes import ProbeRunner
 from .records import FINISHED, RunDir, check_writable, config_record, run_id
@@ -42,16 +42,6 @@ __all__ = ["run", "train", "RunLocked", "check_writable", "lr_at", "param_groups
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-def build_model(cfg: dict, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes: int = 10):
-    """The run's network; the input channel count follows the data set's (len(mean))."""
-    keys = ("norm", "gamma0", "width", "stem", "zero_init_last_gamma", "residual_gain", "alpha0",
-            "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum", "shortcut", "zero_bias",
-            "dropout", "fc_dropout", "conv_bias", "checkpoint_blocks")
-    return create_model(cfg["arch"], num_classes=num_classes, input_mean=mean, input_std=std,
-                        in_channels=len(mean), **{k: cfg[k] for k in keys},
-                        norm_options={k: cfg[k] for k in NORMS[cfg["norm"]].options})
-
 
 def param_groups(model: torch.nn.Module, cfg: dict) -> list[dict]:
     """Four groups, each with its own lr multiplier and weight decay (P2 Sec. 3.2): 'scale' =

@@ -1,5 +1,5 @@
 """How much of a study run is papermill's kernel overhead, with a fresh kernel per run (how the
-study runner worked before) and with one reused kernel (bnlib.grid now)?
+study runner worked before) and with one reused kernel (bnlib.kernels now)?
 
 Both arms execute the same tiny quick-preset-like runs (Fashion-MNIST if present, else the
 synthetic set) through notebooks/run.ipynb, interleaved, in one process; overhead = wall time
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from jupyter_core.utils import run_sync  # noqa: E402
 
 from bnlib.data import FASHION_SYSTEM_DIR  # noqa: E402
-from bnlib.grid import NOTEBOOKS, _kernel_manager_class, execute_notebook  # noqa: E402
+from bnlib.kernels import NOTEBOOKS, _kernel_manager_class, execute_notebook  # noqa: E402
 
 
 def one(params: dict, out: Path, km=None) -> tuple[float, float]:

@@ -252,7 +252,7 @@ def _cli_cases(root: Path) -> list[tuple[list, int, str]]:
         (["study", "p1", "--preset", "nonexistent"], 2, "preset="),
         (["study", "p1", "--dataset", "mnist"], 2, "dataset='mnist'"),
         (["study", "p1", "--out", str(afile)], 2, str(afile)),
-        # an unreachable scheduler: refused within grid.SCHEDULER_TIMEOUT_S, before the manifest
+        # an unreachable scheduler: refused within cluster.SCHEDULER_TIMEOUT_S, before the manifest
         (["study", "p1", "--dataset", "synthetic", "--scheduler", "tcp://127.0.0.1:9", "--out", "o"], 2, "--scheduler"),
         (["report", "--out", str(root / "nonexistent")], 2, "does not exist"),
         (["report", "--out", str(afile)], 2, "not a folder"),
@@ -535,7 +535,7 @@ def test_report_survives_damaged_runs_manifests_and_verdicts(finished_run, damag
 
 
 def test_report_and_load_study_on_damaged_manifest_name_the_file(tmp_path):
-    from bnlib.grid import load_study
+    from bnlib.records import load_study
 
     (tmp_path / "studies" / "p1").mkdir(parents=True)
     (tmp_path / "studies" / "p1" / "manifest.json").write_text(json.dumps(["not", "a", "manifest"]))
@@ -562,7 +562,7 @@ def test_a_failed_data_check_leaves_no_data_folder():
 
 @pytest.fixture(scope="module")
 def kernel():
-    from bnlib.grid import _point_kernel, shutdown_point_kernel
+    from bnlib.kernels import _point_kernel, shutdown_point_kernel
 
     km = _point_kernel()
     yield km
@@ -581,7 +581,7 @@ PM_CASES = [
 def test_papermill_bad_parameters_fail_in_the_check_cell_naming_them(kernel, tmp_path, params, needle):
     import papermill as pm
 
-    from bnlib.grid import NOTEBOOKS, execute_notebook
+    from bnlib.kernels import NOTEBOOKS, execute_notebook
 
     with sandbox() as (root, check):
         dst = tmp_path / "bad.ipynb"  # outside the sandbox: the executed notebook is papermill's own output
@@ -596,7 +596,7 @@ def test_papermill_bad_parameters_fail_in_the_check_cell_naming_them(kernel, tmp
 def test_papermill_inject_paths_and_scientific_numbers_work(kernel, tmp_path):
     """papermill's standard options: --inject-paths adds PAPERMILL_INPUT_PATH/OUTPUT_PATH, which
     are not run parameters; -p lr 1e-3 is a float."""
-    from bnlib.grid import NOTEBOOKS, execute_notebook
+    from bnlib.kernels import NOTEBOOKS, execute_notebook
 
     out = tmp_path / "runs"
     execute_notebook(NOTEBOOKS / "run.ipynb", tmp_path / "ok.ipynb",

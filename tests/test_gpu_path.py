@@ -22,7 +22,7 @@ from bnlib import device as bdevice
 from bnlib.checkpoint import load_checkpoint, save_checkpoint, set_rng_states
 from bnlib.config import ConfigError
 from bnlib.data import load_data, steps_per_epoch
-from bnlib.grid import _assign_gpu, _gpu_slots
+from bnlib.cluster import _assign_gpu, _gpu_slots
 from bnlib.models import create_model
 from bnlib.norms import NORMS, get_norm
 

@@ -23,6 +23,17 @@ def test_parameters_cell_is_the_run_config():
         assert eval(p["default"]) == getattr(defaults, name), name
 
 
+def test_parameters_cell_is_the_generators_output():
+    """run.ipynb's parameters cell is exactly what `make params` writes (help texts intact)."""
+    import nbformat
+
+    from bnlib.config import parameters_cell
+
+    cell = next(c for c in nbformat.read(NB, 4).cells if "parameters" in c.metadata.get("tags", []))
+    assert cell.source == parameters_cell(), "run `make params` to regenerate run.ipynb's parameters cell"
+    assert "# channel width multiplier (1.0 = the paper's widths)" in cell.source
+
+
 def test_run_notebook_writes_a_complete_run(tmp_path):
     out = tmp_path / "run.ipynb"
     pm.execute_notebook(str(NB), str(out), parameters={**TINY, "norm": "bn_minus", "out_dir": str(tmp_path / "runs")},

@@ -19,7 +19,9 @@ import psutil
 import pytest
 
 import bnlib.device
-from bnlib.grid import SHARED_TOKEN, _check_worker, _run_threads, load_study, plan, run_study
+from bnlib.cluster import SHARED_TOKEN, _check_worker, _run_threads
+from bnlib.grid import plan, run_study
+from bnlib.records import load_study
 from bnlib.studies import Preset, Study
 
 # one xdist process for the module: its module-scoped fixture is expensive (make test: --dist loadgroup)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 import bnlib
-from bnlib.grid import load_study, run_study, plan, execute_notebook, NOTEBOOKS
+from bnlib.grid import run_study, plan
+from bnlib.kernels import execute_notebook, NOTEBOOKS
+from bnlib.records import load_study
 from bnlib.report import build_report
 from bnlib.studies import Preset, Study
 

@@ -1,0 +1,115 @@
+"""Notebook execution for the study runner: papermill with the settings every bnlib notebook
+uses, and the Jupyter kernel each study process (or Dask worker) reuses for its grid points.
+
+An executed notebook is written beside its destination and moved onto it when execution ends, so
+a reader never sees a half-written one; notebooks two study processes may both produce (a study's
+analysis, the summary) are executed one at a time (execute_shared_notebook).
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+from pathlib import Path
+
+__all__ = ["ROOT", "NOTEBOOKS", "KERNEL_REUSE", "execute_notebook", "execute_shared_notebook",
+           "shutdown_point_kernel"]
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_manager_class():
+    """nbclient's kernel manager, asked to give each kernel CurveZMQ keys (jupyter_client >= 8.10,
+    pyzmq with libsodium): the kernel's TCP sockets are then encrypted, on a shared machine too,
+    and it does not print its plain-TCP warning into every study runner's output. The async
+    manager, also for the reused kernel this process starts itself (_point_kernel): with a
+    blocking manager nbclient never notices that its kernel died (measured: it hangs)."""
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+
+    if "transport_encryption" not in AsyncKernelManager.class_trait_names() or not zmq.has("curve"):
+        return AsyncKernelManager
+
+    class CurveKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**{"transport_encryption": "auto", **kw})
+
+    return CurveKernelManager
+
+
+def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT, km=None) -> None:
+    """papermill with the settings every bnlib notebook uses (the kernel is this Python's).
+
+    The executed notebook is saved after every cell to `.NAME.partial.ipynb` beside `dst` (watch it
+    there) and moved onto `dst` when execution ends, failed or not: a reader (the report, a
+    second study process) never sees a half-written `dst`. `km`: an already started kernel to
+    run in (papermill passes it to nbclient, which then neither starts nor stops a kernel);
+    None starts a fresh kernel for this notebook alone."""
+    import papermill as pm
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = dst.parent / f".{dst.stem}.partial{dst.suffix}"
+    kernel = {"km": km} if km is not None else {"kernel_manager_class": _kernel_manager_class()}
+    try:
+        pm.execute_notebook(str(src), str(partial), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+                            progress_bar=False, log_output=False, request_save_on_cell_execute=True, **kernel)
+    finally:
+        if partial.exists():
+            os.replace(partial, dst)
+
+
+# One kernel per study process (or Dask worker), reused by its grid points: starting a kernel
+# and importing torch and bnlib costs ~5 s, as much as training a quick-preset run (README:
+# measured). run.ipynb's first cell clears the namespace (%reset -f), so each run starts from
+# clean globals; the kernel is replaced after any point that did not finish (a failed run may
+# hold memory through its traceback, a killed kernel is gone) and every KERNEL_REUSE points.
+KERNEL_REUSE = 40
+_KERNEL: dict = {}  # {"km": KernelManager, "uses": int, "env": (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES)}
+
+
+def _point_kernel():
+    """This process's kernel for grid points, started on first use and restarted when it died,
+    was used KERNEL_REUSE times, or the thread/GPU environment it must inherit changed."""
+    from jupyter_core.utils import run_sync
+
+    env = (os.environ.get("OMP_NUM_THREADS"), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    k = _KERNEL
+    if k and (k["uses"] >= KERNEL_REUSE or k["env"] != env or not run_sync(k["km"].is_alive)()):
+        shutdown_point_kernel()
+    if not k:
+        km = _kernel_manager_class()(kernel_name="python3")
+        run_sync(km.start_kernel)(cwd=str(ROOT))
+        k.update(km=km, uses=0, env=env)
+    k["uses"] += 1
+    return k["km"]
+
+
+def shutdown_point_kernel() -> None:
+    """Stop this process's reused kernel, if any (at the end of a study, and at exit)."""
+    from jupyter_core.utils import run_sync
+
+    km = _KERNEL.pop("km", None)
+    _KERNEL.clear()
+    if km is not None:
+        try:
+            run_sync(km.shutdown_kernel)()  # a polite shutdown request first (now=True interrupts, which the kernel logs)
+        except Exception:  # noqa: BLE001 — already dead: nothing to stop
+            pass
+
+
+atexit.register(shutdown_point_kernel)  # a no-op when this process started no kernel
+
+
+def execute_shared_notebook(src: Path, dst: Path, parameters: dict) -> None:
+    """execute_notebook for outputs two study processes may both produce (a study's analysis,
+    the summary): one at a time, the later one redoing it with every run present."""
+    from filelock import FileLock
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dst.parent / f".{dst.stem}.lock")):
+        execute_notebook(src, dst, parameters)
+
