@@ -2,7 +2,7 @@
 epochs and training images, how many are already done, and an estimated duration from the
 training throughput `make bench` measured on this machine (outputs/bench/throughput.json).
 
-Images are counted from the parameters alone (config.TRAIN_POOL for file data sets), so a plan
+Images are counted from the parameters alone (bnlib.data.split_sizes), so a plan
 needs no data files: per epoch, the training pool less the validation split, capped by
 `n_train`, in whole batches when `drop_last`. An estimate is training time only (images /
 img/s of the grid's arch and width on that device), for one worker; evaluation, kernel start-up
@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from .cluster import slurm_cluster
-from .config import TRAIN_POOL
+from .data import split_sizes
 from .grid import plan
 from .records import FINISHED
 from .studies import STUDIES, get_study
@@ -29,10 +29,7 @@ THROUGHPUT = Path("bench") / "throughput.json"  # under the outputs folder; writ
 
 def train_images(cfg: dict) -> int:
     """Training images one epoch of this (validated) run sees, as data.py splits them."""
-    pool = cfg["synthetic_size"] if cfg["dataset"] == "synthetic" else TRAIN_POOL[cfg["dataset"]]
-    n = pool - round(cfg["val_fraction"] * pool)
-    if cfg.get("n_train") is not None:
-        n = min(n, cfg["n_train"])
+    n = split_sizes(cfg)[2]
     return n // cfg["batch_size"] * cfg["batch_size"] if cfg.get("drop_last", True) else n
 
 
