@@ -90,7 +90,7 @@ def has_running_stats(model: nn.Module) -> bool:
 
 def _save_running(model: nn.Module) -> list[tuple]:
     # every buffer of the layer, not only running mean/var and the counter: BN variants keep
-    # more training state (ics_free's previous-batch statistics, bnlib.bn_variants)
+    # more training state (ics_free's previous-batch statistics, bnlib.ics_free)
     return [(m, {n: b.clone() for n, b in m.named_buffers(recurse=False)}, m.momentum)
             for m in _stat_layers(model)]
 

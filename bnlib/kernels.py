@@ -62,8 +62,8 @@ def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT, k
 
 
 # One kernel per study process (or Dask worker), reused by its grid points: starting a kernel
-# and importing torch and bnlib costs ~5 s, as much as training a quick-preset run (README:
-# measured). run.ipynb's first cell clears the namespace (%reset -f), so each run starts from
+# and importing torch and bnlib costs seconds, as much as training a quick-preset run
+# (scripts/kernel_overhead.py measures it: docs/performance.md). run.ipynb's first cell clears the namespace (%reset -f), so each run starts from
 # clean globals; the kernel is replaced after any point that did not finish (a failed run may
 # hold memory through its traceback, a killed kernel is gone) and every KERNEL_REUSE points.
 KERNEL_REUSE = 40

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bn_variants import (BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, IcsFreeBatchNorm2d, NoisyBatchNorm2d,
-                          NOISE_PER, StaleBatchNorm2d, attach_reference_pass)
+from .bn_variants import BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, NOISE_PER, NoisyBatchNorm2d
+from .ics_free import IcsFreeBatchNorm2d, StaleBatchNorm2d, attach_reference_pass
 from .params import Param
 
 __all__ = ["Affine2d", "BatchInitAffine2d", "NormSpec", "NORMS", "ROLES", "register_norm", "get_norm", "norm_names",
@@ -84,7 +84,7 @@ class NormSpec:
     `attach(model)`, when set, is the norm's model-level part: the model factory
     (bnlib.models.ResNet) calls it once on the finished network, after initialization, e.g. to
     add state or hooks that need the whole network (ics_free's reference pass with the previous
-    step's parameters, bnlib.bn_variants.attach_reference_pass). Whatever it adds must live in
+    step's parameters, bnlib.ics_free.attach_reference_pass). Whatever it adds must live in
     the network (buffers: checkpointed, copied by probes) and work on a deep copy of it, so the
     training loop needs no edit per norm."""
 
@@ -171,7 +171,7 @@ def _none(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
 
 # ----------------------------------------------------------------------------------------------
 # P3 (Awais et al. 2021): BN with injected noise, an ICS-free scheme, and BN's variants compared
-# on ICS. The layers and the reasons for each choice are in bnlib/bn_variants.py.
+# on ICS. The layers and the reasons for each choice are in bnlib/bn_variants.py and bnlib/ics_free.py.
 # ----------------------------------------------------------------------------------------------
 
 @register_norm("noisy_bn", has_gamma=True, has_beta=True, batch_stats=True,
@@ -206,7 +206,7 @@ def _ics_free(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
 @register_norm("ics_free_stale", has_gamma=True, has_beta=True, batch_stats=True,
                doc="P3's first ICS-free scheme, kept as a measured negative result: BN whose forward normalizes "
                    "with the previous batch's statistics (BN's gradient); diverges at every rate in a deep net "
-                   "(stale statistics are differenced in time at every layer, bnlib.bn_variants.StaleBatchNorm2d)")
+                   "(stale statistics are differenced in time at every layer, bnlib.ics_free.StaleBatchNorm2d)")
 def _ics_free_stale(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
     return _set_gamma(StaleBatchNorm2d(num_features, eps, momentum), gamma0)
 

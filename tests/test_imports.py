@@ -13,8 +13,10 @@ PKG = Path(__file__).resolve().parents[1] / "bnlib"
 LAYERS = [
     ["bnlib.version", "bnlib.errors", "bnlib.params", "bnlib.rng"],
     ["bnlib.device", "bnlib.bn_variants", "bnlib.bnstats", "bnlib.blocks"],
+    ["bnlib.ics_free"],
     ["bnlib.norms"],
     ["bnlib.models"],
+    ["bnlib.optim"],
     ["bnlib.data"],
     ["bnlib.probes.registry"],
     ["bnlib.probes.*"],  # each paper's probes

@@ -358,7 +358,7 @@ def test_ics_free_stale_is_unstable_through_depth_even_without_updates():
 
 # ----------------------------------------------------------------------------------------------
 # ics_free: the statistics BN computes on the same batch with the previous step's parameters
-# (a no-gradient reference pass, bnlib.bn_variants.IcsFreeBatchNorm2d), BN's gradient
+# (a no-gradient reference pass, bnlib.ics_free.IcsFreeBatchNorm2d), BN's gradient
 # ----------------------------------------------------------------------------------------------
 
 class _Toy(nn.Module):

@@ -381,10 +381,8 @@ register_study(Study(
     presets={
         # Fashion-MNIST, ResNet-18 at width 1/8 on 4 000 training images (the 2 % validation split
         # is carved from the full pool first), 2 epochs at batch 128 (64 steps with the kept last
-        # batch), 5 seeds: standard training reaches 0.75 test accuracy, and the 55 runs take an
-        # estimated 5-6 min idle with 2 workers (README: measured under load, calibrated against
-        # P1). fp32 as the authors; precise BN statistics
-        # at evaluation (running ones lag in 64 steps). Flips only, as the authors.
+        # batch), 5 seeds (55 runs; their time: docs/performance.md). fp32 as the authors; precise BN
+        # statistics at evaluation (running ones lag in 64 steps). Flips only, as the authors.
         "quick": Preset(
             base=dict(RECIPE_PARAMS, dataset="fashion_mnist", n_train=4000, val_fraction=0.02, n_test=2000,
                       width=0.125, epochs=2, precision="fp32", bn_eval_stats="precise", precise_batches=8,

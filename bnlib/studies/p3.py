@@ -11,7 +11,7 @@ BN does not reduce that ICS, BN with injected noise ("noisy BN") trains like BN,
 BN's benefit is a smoother landscape (loss and gradient along the gradient direction).
 
 The grid: the same ResNet (CIFAR stem) with each norm of NORMS_P3 — BN, BatchNorm-minus,
-AffineLayer, none, noisy BN, the ICS-free scheme (bnlib.bn_variants.IcsFreeBatchNorm2d: BN
+AffineLayer, none, noisy BN, the ICS-free scheme (bnlib.ics_free.IcsFreeBatchNorm2d: BN
 normalizing each batch with the statistics BN computes on the same batch with the previous
 step's parameters, so it removes every earlier update's shift but not the latest one's, with BN's
 gradient; bnlib's choice, P3 publishes none), GroupNorm,
@@ -52,22 +52,9 @@ ICS_LAYERS = [2, 6, 11, 16, 19]
 QUICK_ICS_LAYERS = [6, 16]  # quick preset: one conv in stage 2 and one in stage 4 (probe cost)
 QUICK_LANDSCAPE_STEPS = [0.5, 2.0]  # quick preset: η ∈ {0.5, 2}·lr (probe cost; the default has 4)
 # Each arm's learning-rate ladder (the lr itself at the preset's batch size; the grid axis
-# `lr_rung` indexes it), as P1 does (bnlib.studies.p1.LR_LADDERS): one shared sweep put some
-# arm's optimum off its end (the first quick run, one sweep {0.01, 0.05, 0.25} for all: affine
-# and none sat at chance at every rate). The quick ladders are for QUICK_RECIPE (SkipInit +
-# warm-up) and were read off a 3-rung run of it (2026-11-26, 90 runs; mean test accuracy
-# over 3 seeds): bn / bn_minus / ghost_bn / noisy_bn 0.56 / 0.55 / 0.53 / 0.44 at 0.08, 0.71 /
-# 0.72 / 0.71 / 0.57 at 0.32, diverged at 1.28 in every seed; batch_renorm 0.52 at 0.08, 0.42 at
-# 0.32 (its optimum is not clear: it keeps three rungs); group_norm / layer_norm 0.36 / 0.32 at
-# 0.04, 0.58 / 0.51 at 0.16, diverged at 0.64; none 0.33 / 0.43 / 0.48 at 0.05 / 0.1 / 0.2,
-# affine 0.35 / 0.46 / 0.38 (none best at the top: its ladder moved up a rung, to 0.4, where a
-# single run diverged). Where the lower rung lost in every arm of a kind, it is dropped (budget:
-# the quick preset's 6 minutes); the diverging top rung stays, so lr* is a value, not a bound.
-# batch_renorm keeps 0.08 and 0.32 (0.52 and 0.42; its top rung is dropped for the budget, so its
-# lr* is a lower bound). ics_free (bnlib.bn_variants.IcsFreeBatchNorm2d) trains but loses the
-# large rates (without the recipe, seed 0: 0.39 / 0.55 / 0.60 / 0.39 / 0.18 at 0.01 / 0.02 / 0.04 /
-# 0.08 / 0.32): its ladder starts at its best rate. BN also runs at ICS_CHECK_LR, the rate the
-# ICS-free scheme's manipulation check compares them at (verdict 4). bnlib's choice, not the paper's.
+# `lr_rung` indexes it), as P1 does: one shared sweep put some arm's optimum off its end. How the
+# quick ladders were set, with the runs they were read from: docs/presets.md. BN also runs at
+# ICS_CHECK_LR, the rate the ICS-free scheme's manipulation check compares them at (verdict 4).
 ICS_CHECK_LR = 0.04
 _BN_LIKE = (0.32, 1.28)
 LR_LADDERS = {
@@ -82,15 +69,11 @@ LR_LADDERS = {
 # The quick preset's recipe, the same for every arm (only the norm differs between arms; recorded
 # in every run's config): SkipInit (De & Smith 2020, P5's residual_gain: a learnable scalar α,
 # starting at 0, at the end of each residual branch) and a linear warm-up over the first half
-# epoch (16 of 64 steps). Without it the unnormalized arms cannot learn in 64 steps: the He-init
-# ResNet-18 without norm starts at loss 5.2 with gradient norm 47, and its first steps collapse it
-# to a constant output (loss 2.30, gradient norm ~0.1) at every rate tried. Single runs (seed 0,
-# test accuracy, 2026-11-26): none at 0.02 0.10 as before; with the warm-up alone 0.20-0.22 (lr
-# 0.01-0.04); PyTorch's default conv init + warm-up 0.10-0.11; SkipInit alone 0.33 at 0.05, 0.50
-# at 0.1; SkipInit + warm-up 0.51 at 0.1 and 0.50 at 0.2 (seed 1: 0.35, 0.40), diverged at 0.4;
-# affine 0.54 at 0.1; bn 0.72 at 0.32 (0.72 at 0.08 without the recipe). bnlib's choice: P3's
-# networks have no SkipInit; it changes every arm alike (α multiplies each branch after its last
-# norm), but the normalized arms then also start each block at the identity.
+# epoch. Without it the unnormalized He-init ResNet-18 collapses to a constant output within its
+# first steps at every rate tried, so `none` and `affine` stay at chance (the runs:
+# docs/presets.md). bnlib's choice: P3's networks have no SkipInit; it changes every arm alike (α
+# multiplies each branch after its last norm), but the normalized arms then also start each
+# block at the identity.
 QUICK_RECIPE = dict(residual_gain=True, alpha0=0.0, warmup_epochs=0.5)
 CENSORED_MAX = 0.5  # lr* verdict: inconclusive when more than this share of arms has a censored lr*
 
@@ -104,7 +87,7 @@ PRESET_NOTES = {
              "rate in an earlier 3-rung run of this recipe and a 4x larger one that diverged there; three for bn, "
              "none and affine; BN also runs at the rate of the ICS-free arm's first rung, where verdict 4 compares "
              "their ICS); ICS on 2 of the 20 convs and the landscape at 2 step sizes, at init and each epoch end "
-             "(69 runs; measured cost: README, P3). It can show whether the arms differ in accuracy, ICS and "
+             "(69 runs; their time: docs/performance.md). It can show whether the arms differ in accuracy, ICS and "
              "smoothness after 64 steps, and the sign of a rank correlation when it is strong. It cannot show "
              "long-run accuracies, CIFAR-10 numbers, ICS late in a long training, or P3's own networks (they have "
              "no SkipInit); the short ladders mostly fix each arm's rate in advance, so 'chosen on validation' "
@@ -323,7 +306,7 @@ def verdicts(runs) -> list[stats.Verdict]:
         fr = sel.loc[sel["norm"] == "ics_free", "stable"]
         trains = (bool(fr.mean() >= 0.5),
                   f"the ICS-free scheme diverged in {int((~fr).sum())} of {len(fr)} seeds at its chosen rate "
-                  f"(bnlib.bn_variants.IcsFreeBatchNorm2d), so its accuracy measures that instability, not the "
+                  f"(bnlib.ics_free.IcsFreeBatchNorm2d), so its accuracy measures that instability, not the "
                   f"absence of ICS reduction")
         # The manipulation check compares ICS at one learning rate both arms ran (ICS grows with
         # the step: the update of the earlier layers is lr times their gradient, so at their own
@@ -371,9 +354,7 @@ register_study(Study(
         # (64 steps), no crop (it slows a 2-epoch run more than it regularizes), SkipInit and a
         # half-epoch warm-up for every arm (QUICK_RECIPE), each arm on its own 2- or 3-rung ladder
         # (69 runs). ICS on 2 of the 20 convs and the landscape at 2 step sizes: about 6 fp32
-        # forward-backward passes per probe time (noisy BN: 8), at init and each epoch end. The
-        # earlier 72-run version (ics_free and batch_renorm on 3 rungs) took 856 CPU-seconds on 2
-        # shared cores (2026-11-26); this one's time in `make study`: README, P3.
+        # forward-backward passes per probe time (noisy BN: 8), at init and each epoch end.
         "quick": Preset(
             base=dict(dataset="fashion_mnist", n_train=2048, val_fraction=0.02, n_test=1000, arch="resnet18",
                       width=0.125, epochs=2, batch_size=64, momentum=0.9, weight_decay=5e-4, schedule="cosine",

@@ -81,9 +81,7 @@ DEPTH_VARIANTS = ["bn", "skipinit", "skipinit_inv_sqrt_d", "none", "fixed_inv_sq
 # at the depth study's batch size: normalized nets train at larger rates than unnormalized ones
 # (P4), so one shared ladder would put some variant's optimum off its end. bnlib's choice.
 LR_LADDERS = {
-    # quick: single runs of WRN-1000-1 at full width, 16 steps (2026-11-26, seed 0, test accuracy):
-    # BN 0.22 / 0.28 / 0.25 / 0.20 at lr 0.05 / 0.1 / 0.2 / 0.4; SkipInit 0.22 / 0.34 / 0.42 / 0.10
-    # (stuck) at 0.025 / 0.05 / 0.1 / 0.2, diverged at 0.4; α = 1 diverged at 0.01 and 0.04
+    # quick: from single runs of WRN-1000-1 at full width (docs/presets.md)
     "quick": {"bn": (0.1, 0.2), "skipinit": (0.05, 0.1), "skipinit_inv_sqrt_d": (0.05, 0.1),
               "none": (0.01, 0.04), "fixed_inv_sqrt2": (0.01, 0.04), "skipinit_reg": (0.05, 0.1)},
     "paper": {"bn": (0.025, 0.05, 0.1, 0.2), "skipinit": (0.0125, 0.025, 0.05, 0.1),
@@ -99,7 +97,7 @@ PRESET_NOTES = {
              "(16 steps at batch 64), 2 learning rates per variant (at depth 1000 one, 0.1, for the table-only "
              "ablation α₀ = 1/√d), 3 seeds everywhere. Batch-size study: WRN-16-4 at width 1/4, 2 epochs of "
              "2 048 images, batch sizes 16/64/256, 3 learning rates (powers of 4 apart) per batch size, 3 seeds. "
-             "141 runs (cost: README, P5). It can show the signal-propagation curves at init, which variants train "
+             "141 runs (their time: docs/performance.md). It can show the signal-propagation curves at init, which variants train "
              "at which depth after 16 steps, and the batch-size interaction with intervals. It cannot show "
              "long-run accuracies, CIFAR-10 numbers or the paper's fine learning-rate grid: run --preset paper "
              "for those (GPU). With 2 rates per variant every depth-study choice sits at an end of its ladder, "
@@ -434,9 +432,7 @@ register_study(Study(
         # Depth study: the 1000-layer net is built and trained, not skipped, at full width (at
         # width 1/4, 4-16 channels, SkipInit stayed near chance: 0.18 ± 0.11 at depth 1000). The
         # strided stem brings its blocks to 7x7 maps; 1 epoch of 1 024 images (16 steps) with one
-        # intra-op thread per study worker (two threads on busy cores spin: 6-7 s per step). In the
-        # fresh-clone run of 2026-11-26 (README, P5) BN reached 0.31 ± 0.08 at depth
-        # 1000 and SkipInit 0.43 ± 0.06 (3 seeds); α = 1 and fixed 1/√2 diverged. The
+        # intra-op thread per study worker (two threads on busy cores spin). The
         # signal_propagation probe runs in every depth run (at init and at the epoch's end).
         # Batch-size study: 2 epochs of 2 048 images, so batch 256 still takes 16 steps. Precise
         # BN statistics at evaluation (running ones lag in runs this short).
