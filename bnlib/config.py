@@ -22,7 +22,7 @@ from .data import DATASET_NAMES, TRAIN_POOL, split_sizes
 from .device import PRECISIONS, check_device, cpu_has_native_bf16, precisions_for, resolve_device, resolve_precision
 from .errors import ConfigError
 from .memory import estimate_memory, memory_bound, memory_limit
-from .models import CONV_INITS, INPUT_NORMS, SHORTCUTS, meta_model, model_problems, parse_arch
+from .models import CONV_INITS, FC_INITS, INPUT_NORMS, SHORTCUTS, meta_model, model_problems, parse_arch
 from .norms import NORMS, norm_names
 from .params import FP32_MAX, SEED_MAX, Param, check_value, plain
 from .probes import check_probe_params, probe_params
@@ -59,6 +59,8 @@ OWN = {
         "checkpoint_blocks": Param(False, "recompute each residual block in the backward pass (activation "
                                      "checkpointing: memory at depth ~1000; same gradients, ~1/3 more compute)"),
         "conv_init": Param("kaiming_fan_in", "conv weight init", choices=CONV_INITS),
+        "fc_init": Param("torch_default", "classifier weight init: PyTorch's default uniform(±1/√fan_in), or "
+                         "'kaiming_uniform_relu' (bound √(6/fan_in), P2's authors)", choices=FC_INITS),
         "input_norm": Param("dataset", "'dataset': true mean/std; 'raw': [0,1] pixels; 'bn': P2 online BN",
                              choices=INPUT_NORMS),
         "bn_eps": Param(1e-5, "ε of batch-statistics norms", lo=0, lo_open=True),

@@ -14,6 +14,8 @@ confounds BN studies is an explicit argument, recorded in each run's config:
   are the pieces of P5's "regularized SkipInit"; `checkpoint_blocks` recomputes each block in
   the backward pass (memory at depth 1000). All off by default: the networks are unchanged.
 - `conv_init`: "kaiming_fan_in" (Kaiming normal, fan-in, ReLU gain, as in P2's code) by default.
+- `fc_init`: the classifier's weights, PyTorch's default by default, or "kaiming_uniform_relu"
+  (P2's code: Kaiming uniform with the ReLU gain).
 - `input_norm`: how pixels in [0, 1] are normalized before conv1: "dataset" (true dataset
   mean/std), "raw" (none), "bn" (P2's online BN input normalization).
 - `zero_bias`: the classifier bias starts at 0 (P2's code zeroes every bias) instead of
@@ -35,7 +37,7 @@ from .blocks import (BLOCKS, SHORTCUTS, BasicBlock, Bottleneck, PadShortcut, Pre
 from .norms import NORMS, get_norm, tag_norm
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "PreActBlock", "create_model", "arch_names", "parse_arch",
-           "arch_spec", "ArchSpec", "num_blocks", "CONV_INITS", "INPUT_NORMS", "SHORTCUTS", "conv_layers",
+           "arch_spec", "ArchSpec", "num_blocks", "CONV_INITS", "FC_INITS", "INPUT_NORMS", "SHORTCUTS", "conv_layers",
            "middle_conv", "norm_layers", "param_roles"]
 
 # torchvision's stage tables: name -> (block, blocks per stage)
@@ -138,6 +140,9 @@ def _input_bn(gamma0: float, channels: int = 3) -> nn.Module:
 
 INPUT_NORMS = ("dataset", "raw", "bn")
 CONV_INITS = ("kaiming_fan_in", "kaiming_fan_out", "torch_default")
+# The classifier's weights: PyTorch's default (uniform, bound 1/√fan_in) or P2's authors' Kaiming
+# uniform with the ReLU gain (bound √(6/fan_in), √6 ≈ 2.45× larger)
+FC_INITS = ("torch_default", "kaiming_uniform_relu")
 
 
 def model_problems(block: str, *, norm: str, zero_init_last_gamma: bool = False, dropout: float = 0.0,
@@ -171,7 +176,7 @@ def model_problems(block: str, *, norm: str, zero_init_last_gamma: bool = False,
 class ResNet(nn.Module):
     def __init__(self, block: str, layers, widths, *, num_classes=10, norm="bn", gamma0=1.0,
                  width=1.0, stem="cifar", zero_init_last_gamma=False, residual_gain=False,
-                 alpha0=0.0, alpha_learnable=True, conv_init="kaiming_fan_in",
+                 alpha0=0.0, alpha_learnable=True, conv_init="kaiming_fan_in", fc_init="torch_default",
                  input_norm="dataset", input_mean=(0.0, 0.0, 0.0), input_std=(1.0, 1.0, 1.0),
                  bn_eps=1e-5, bn_momentum=0.1, in_channels=3, shortcut="B", zero_bias=False,
                  dropout=0.0, fc_dropout=0.0, conv_bias=False, checkpoint_blocks=False, stem_width=None,
@@ -223,6 +228,8 @@ class ResNet(nn.Module):
         self.final = nn.Sequential(norm_layer(cin), nn.ReLU()) if preact else nn.Identity()
         self.fc_dropout = dropout_layer(fc_dropout)  # P5's regularized SkipInit: dropout before the classifier
         self.fc = nn.Linear(cin, num_classes)
+        if fc_init == "kaiming_uniform_relu":  # P2's code
+            nn.init.kaiming_uniform_(self.fc.weight, nonlinearity="relu")
         if zero_bias:  # P2's code zeroes every bias; norm β start at 0, conv biases (conv_bias) below
             nn.init.zeros_(self.fc.bias)
 
@@ -318,7 +325,7 @@ def middle_conv(model: nn.Module) -> tuple[int, str, nn.Conv2d]:
 
 # the run parameters the factory reads (besides arch and the norm's own options)
 MODEL_KEYS = ("norm", "gamma0", "width", "stem", "zero_init_last_gamma", "residual_gain", "alpha0",
-              "alpha_learnable", "conv_init", "input_norm", "bn_eps", "bn_momentum", "shortcut", "zero_bias",
+              "alpha_learnable", "conv_init", "fc_init", "input_norm", "bn_eps", "bn_momentum", "shortcut", "zero_bias",
               "dropout", "fc_dropout", "conv_bias", "checkpoint_blocks")
 
 

@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "bnlib"
 # Low to high: a module may import modules of lower layers only. Inside a wildcard layer (the
 # modules of one package, e.g. bench.*) they may import each other; the cycle test still holds.
 LAYERS = [
-    ["bnlib.version", "bnlib.errors", "bnlib.params", "bnlib.rng"],
+    ["bnlib.version", "bnlib.errors", "bnlib.params", "bnlib.rng", "bnlib.ladder_file"],
     ["bnlib.device", "bnlib.bn_variants", "bnlib.bnstats", "bnlib.blocks"],
     ["bnlib.ics_free"],
     ["bnlib.norms"],
@@ -26,15 +26,18 @@ LAYERS = [
     ["bnlib.records"],
     ["bnlib.checkpoint"],
     ["bnlib.train"],
+    ["bnlib.effects"],
     ["bnlib.stats", "bnlib.analysis", "bnlib.plots"],
     ["bnlib.probe_plots"],
     ["bnlib.studies.base"],
     ["bnlib.studies.p4"],
     ["bnlib.studies.*"],
     ["bnlib.studies"],
+    ["bnlib.calibration"],
     ["bnlib.kernels", "bnlib.report"],
     ["bnlib.cluster"],
     ["bnlib.grid"],
+    ["bnlib.ladders"],
     ["bnlib.costplan"],
     ["bnlib.bench.*"],
     ["bnlib.bench"],

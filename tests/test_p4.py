@@ -11,10 +11,14 @@ from bnlib.studies import get_study, p4
 SIZES = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0]
 
 
-def _runs(acc, last_stable, seeds=(0, 1, 2), s_div=None, noise=0.004):
+PAPER_LENGTH = dict(dataset="cifar10", n_train=None, epochs=120, batch_size=128)
+
+
+def _runs(acc, last_stable, seeds=(0, 1, 2), s_div=None, noise=0.004, length=PAPER_LENGTH):
     """A runs table over p4.LR_SWEEP: acc(norm, lr) -> test accuracy; last_stable[norm] = the
     largest stable rate (larger ones diverge, reaching chance); s_div[norm] = the smallest step
-    size whose relative loss at init exceeds 10³ (probes table)."""
+    size whose relative loss at init exceeds 10³ (probes table). Runs of the paper preset's
+    length unless `length` says otherwise (the budget rule then does not apply)."""
     rng = np.random.default_rng(0)
     rows, probes = [], []
     for norm in ("bn", "none"):
@@ -25,7 +29,7 @@ def _runs(acc, last_stable, seeds=(0, 1, 2), s_div=None, noise=0.004):
                 a = acc(norm, lr) + rng.normal(0, noise) if stable else np.nan
                 rows.append({"run_id": rid, "norm": norm, "lr": lr, "seed": seed,
                              "status": "completed" if stable else "diverged", "best_val_acc": a,
-                             "test_acc_at_best_val": a})
+                             "test_acc_at_best_val": a, **length})
                 if s_div is not None and lr in p4.PAPER_LRS:
                     for s in SIZES:
                         v = 0.99 if s < s_div[norm] else (np.nan if s > 10 * s_div[norm] else 5e3)
@@ -43,8 +47,6 @@ def _outcomes(vs):
 
 
 def test_verdicts_support_p4_when_the_runs_show_it():
-    # 5 seeds: when every seed gives the same largest stable rate, only a sign test applies
-    # (bnlib.stats), and 5 agreeing seeds are p = 0.03; 3 would be p = 0.125, inconclusive
     runs = _runs(_p4_world, {"bn": 1.0, "none": 3e-3}, s_div={"bn": 0.1, "none": 1e-4}, seeds=range(5))
     vs = p4.verdicts(runs)
     out = _outcomes(vs)
@@ -60,8 +62,30 @@ def test_stable_lr_lower_bound_is_said_when_bn_is_stable_at_the_top():
     runs = _runs(_p4_world, {"bn": 3.0, "none": 3e-3}, seeds=range(5))
     v = next(v for v in p4.verdicts(runs) if "largest stable" in v.claim)
     assert v.outcome == "supported" and "lower bound: BN was stable at the top of the sweep in 5 seed(s)" in v.sentence
+    # three seeds that agree exactly on the sweep: the interval is the grid's resolution (each
+    # lr* known to within its half-decade step), not zero width
     three = next(v for v in p4.verdicts(_runs(_p4_world, {"bn": 3.0, "none": 3e-3})) if "largest stable" in v.claim)
-    assert three.outcome == "inconclusive" and "not significant (p=0.12" in three.sentence
+    e = three.effects[0]
+    assert e["mean"] == pytest.approx(3.0) and e["hi"] - e["lo"] > 0.5 and three.outcome == "supported"
+
+
+def test_identical_rates_on_a_coarse_grid_decide_nothing_the_grid_cannot_resolve():
+    """Both arms stable up to the same rate in every seed: each lr* is known only to within its
+    grid step, so the difference may lie on either side of 0: inconclusive, not contradicted."""
+    v = next(v for v in p4.verdicts(_runs(_p4_world, {"bn": 3e-3, "none": 3e-3}))
+             if "largest stable" in v.claim)
+    assert v.outcome == "inconclusive" and v.effects[0]["lo"] < 0 < v.effects[0]["hi"]
+
+
+def test_accuracy_claims_are_inconclusive_on_a_short_budget():
+    quick = get_study("p4").presets["quick"].base
+    short = {k: quick[k] for k in ("dataset", "n_train", "epochs", "batch_size", "val_fraction")}
+    vs = {v.claim: v for v in p4.verdicts(_runs(_p4_world, {"bn": 1.0, "none": 3e-3}, seeds=range(5),
+                                                 s_div={"bn": 0.1, "none": 1e-4}, length=short))}
+    conf = vs["BN's accuracy advantage is confined to large learning rates"]
+    assert conf.label == "inconclusive (budget)" and conf.at_budget == "supported"
+    # the stable rate and the one-step divergence are not claims about long-run accuracy
+    assert vs["BN's largest stable learning rate exceeds the unnormalized net's"].outcome == "supported"
 
 
 def test_verdicts_contradict_when_both_arms_behave_alike():

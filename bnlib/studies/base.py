@@ -3,10 +3,23 @@ notebook and a verdict function) and `Preset`; each paper's module registers one
 from __future__ import annotations
 
 import itertools
+import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Preset", "Study", "STUDIES", "register_study", "get_study", "study_names"]
+__all__ = ["Preset", "Study", "STUDIES", "register_study", "get_study", "study_names", "cell_seed"]
+
+
+def cell_seed(cell: dict, replicate: int) -> int:
+    """The training seed of replicate `replicate` in a grid cell (e.g. {arch, batch_size}).
+    A seed fixes the initial weights and the data order, so runs that share one are a single
+    replicate whatever cell they sit in; cells meant to be independent replicates get seeds of
+    their own: 1000·c + replicate, c a stable code of the cell's values (CRC-32 mod 10⁶)."""
+    if not 0 <= int(replicate) < 1000:
+        raise ValueError(f"replicate={replicate!r}; valid: 0..999")
+    code = zlib.crc32(json.dumps(cell, sort_keys=True, default=str).encode()) % 1_000_000
+    return code * 1000 + int(replicate)
 
 
 @dataclass(frozen=True)

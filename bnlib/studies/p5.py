@@ -307,14 +307,18 @@ def verdicts(runs) -> list[stats.Verdict]:
     0. reference: BN trains the deepest net of the depth study (its accuracy beats chance);
     1. SkipInit recovers BN's trainability at that depth: non-inferiority, SkipInit − BN above
        −NONINFERIOR over its whole 95% interval (contradicted when wholly below);
-    2. SkipInit trains the deepest net where the unnormalized α = 1 net and a fixed α = 1/√2 do
-       not: SkipInit beats each of them (paired, one-sided); fixed α = 1/√2 with fewer than
-       MIN_SEEDS seeds at that depth is left to the trainability table, and the sentence names it
-       as not tested;
+    2. SkipInit beats the unnormalized α = 1 net and a fixed α = 1/√2 at that depth (paired,
+       one-sided); whether those train at all is stated beside it from the trainability test
+       (beats chance), not claimed; fixed α = 1/√2 with fewer than MIN_SEEDS seeds at that depth
+       is left to the trainability table, and the sentence names it as not tested;
     3. BN's advantage over SkipInit is confined to large batch sizes: (a) at the smallest batch
        size they match (equivalence within ±SIMILAR, both learning), and (b) BN's advantage at
        the largest batch size exceeds its advantage at the smallest (interaction contrast over
        seeds).
+    Claims 1-3 are about the accuracy of trained networks: on runs shorter than a tenth of the
+    paper preset's steps (per sub-experiment) they are inconclusive (budget), their statistics at
+    this budget kept. Where a variant's rate is chosen from a ladder, a choice at its end makes
+    the claim inconclusive (ladder edge).
     """
     r = runs.runs if hasattr(runs, "runs") else runs
     if r.empty or "norm" not in r:
@@ -333,18 +337,22 @@ def verdicts(runs) -> list[stats.Verdict]:
     else:
         deepest = int(dep["net_depth"].max())
         deep = _selected(dep[dep["net_depth"] == deepest], ["net_depth"])
+        budget = stats.Budget.of_runs(dep[dep["net_depth"] == deepest], PAPER_STEPS["depth"])
+        choice = stats.select_lr(dep[dep["net_depth"] == deepest].assign(
+            best_val_acc=lambda t: t["best_val_acc"].astype(float)), ["variant"])
         bn_ok, bn_why = stats.beats_chance(deep.loc[deep["variant"] == "bn", "acc"], CHANCE)
         ref = [(bn_ok, f"BN does not clearly train the depth-{deepest} net ({bn_why})")]
         out.append(stats.Verdict("p5", f"BN trains the depth-{deepest} net (reference)",
                                  "supported" if bn_ok else "inconclusive",
-                                 f"BN trains the depth-{deepest} net (reference): {bn_why}.", [], [] if bn_ok else [bn_why]))
+                                 f"BN trains the depth-{deepest} net (reference): {bn_why}.", [], [] if bn_ok else [bn_why],
+                                 short=f"BN learns at depth {deepest} (reference)"))
         e = _effect(deep, "skipinit", "bn", alternative="two-sided")
         out.append(stats.decide_margin(
             "p5", f"SkipInit (α₀ = 0, no normalization) recovers BN's trainability at depth {deepest}", e,
-            NONINFERIOR, guards=ref, one_sided=True,
+            NONINFERIOR, guards=ref + [stats.edge_guard(choice, "variant", ["skipinit", "bn"])], one_sided=True,
             what=f"test accuracy difference at each variant's validated rate; non-inferiority margin "
-                 f"{NONINFERIOR:g}"))
-        parts, tested, table_only = [], [], []
+                 f"{NONINFERIOR:g}", budget=budget, short=f"SkipInit ≥ BN − {NONINFERIOR:g} at depth {deepest}"))
+        parts, tested, table_only, does = [], [], [], []
         for other in ("none", "fixed_inv_sqrt2"):
             if other not in set(deep["variant"]):
                 continue
@@ -355,12 +363,18 @@ def verdicts(runs) -> list[stats.Verdict]:
                 table_only.append(f"{VARIANTS[other].label} ({seeds} seed{'s' if seeds != 1 else ''})")
                 continue
             eo = _effect(deep, "skipinit", other)
-            tested.append(VARIANTS[other].label.replace("none (α = 1)", "α = 1"))
+            label = VARIANTS[other].label.replace("none (α = 1)", "α = 1")
+            tested.append(label)
+            trains, why = stats.beats_chance(deep.loc[deep["variant"] == other, "acc"], CHANCE)
+            ndiv = int(deep.loc[deep["variant"] == other, "diverged"].sum())
+            does.append(f"{label} {'trains' if trains else 'does not train'} ({why}; {ndiv} diverged)")
             parts.append(stats.decide("p5", f"SkipInit beats {VARIANTS[other].label} at depth {deepest}", eo,
-                                      guards=ref, what="test accuracy difference (a diverged run counts as chance)"))
+                                      guards=ref + [stats.edge_guard(choice, "variant", ["skipinit", other])],
+                                      what="test accuracy difference (a diverged run counts as chance)", budget=budget))
         if parts:
-            v2 = stats.all_of("p5", f"SkipInit trains the depth-{deepest} net where {' and '.join(tested)} "
-                                    f"do{'es' if len(tested) == 1 else ''} not", parts)
+            v2 = stats.all_of("p5", f"SkipInit beats {' and '.join(tested)} at depth {deepest}", parts,
+                              short=f"SkipInit > {' / '.join(tested)} at depth {deepest}")
+            v2.sentence += " Whether they train at all (not claimed): " + "; ".join(does) + "."
             if table_only:
                 v2.sentence += (" Not tested (too few seeds to pair; see the trainability table): " +
                                 ", ".join(table_only) + ".")
@@ -375,6 +389,10 @@ def verdicts(runs) -> list[stats.Verdict]:
         return out
     sel = _selected(bat, ["batch_size"])
     small, large = int(sel["batch_size"].min()), int(sel["batch_size"].max())
+    budget = stats.Budget.of_runs(bat, PAPER_STEPS["batch"])
+    bchoice = stats.select_lr(bat[bat["batch_size"].isin([small, large])].assign(
+        best_val_acc=lambda t: t["best_val_acc"].astype(float)), ["variant", "batch_size"])
+    edge = stats.edge_guard(bchoice, "variant", ["bn", "skipinit"], cells=["batch_size"])
     sel = sel.assign(arm=sel["variant"] + "@" + sel["batch_size"].astype(int).astype(str))
     learn = {}
     for v in ("bn", "skipinit"):
@@ -387,21 +405,14 @@ def verdicts(runs) -> list[stats.Verdict]:
     v_small = stats.decide_margin(
         "p5", f"At batch size {small} SkipInit matches BN (|difference| < {SIMILAR:g})", e_small, SIMILAR,
         guards=ref + [(learn["skipinit", small][0], f"SkipInit does not clearly learn at batch size {small} "
-                                                     f"({learn['skipinit', small][1]})")],
-        what="test accuracy difference at each arm's validated rate")
+                                                     f"({learn['skipinit', small][1]})"), edge],
+        what="test accuracy difference at each arm's validated rate", budget=budget)
     e_int = stats.contrast_effect(sel, "arm", {f"bn@{large}": 1, f"skipinit@{large}": -1, f"bn@{small}": -1,
                                                f"skipinit@{small}": 1}, "acc", ["seed"],
                                   name=f"(bn − skipinit)@{large} − (bn − skipinit)@{small}")
     v_int = stats.decide("p5", f"BN's advantage is larger at batch size {large} than at {small}", e_int,
-                         guards=ref, what="test accuracy interaction")
-    v = stats.all_of("p5", claim, [v_small, v_int])
-    edge = batch_table(r)
-    edge = edge[edge["lr_at_grid_edge"] & edge["batch_size"].isin([small, large])]
-    if len(edge):
-        v.sentence += (" Caveat: the chosen learning rate sits at an end of the grid for " +
-                       ", ".join(f"{a} at batch {b}" for a, b in zip(edge["variant"], edge["batch_size"])) +
-                       "; a wider grid could change this.")
-    out.append(v)
+                         guards=ref + [edge], what="test accuracy interaction", budget=budget)
+    out.append(stats.all_of("p5", claim, [v_small, v_int], short="BN's gain only at large batch"))
     return out
 
 
@@ -419,7 +430,7 @@ def _depth_archs(depths) -> list[str]:
 _QUICK_DEPTH = dict(variant=DEPTH_VARIANTS, lr_rung=[0, 1], stem=["imagenet"], width=[1.0], n_train=[1024],
                     epochs=[1], batch_size=[64], log_every=[4], probes=[["signal_propagation"]])
 
-register_study(Study(
+STUDY = register_study(Study(
     name="p5",
     title="P5 · SkipInit and BN's bias towards the identity (De & Smith 2020)",
     notebook="studies/p5_skipinit.ipynb",
@@ -469,3 +480,13 @@ register_study(Study(
             )),
     },
 ))
+
+
+def _paper_steps() -> dict:
+    """The budget rule's reference per sub-experiment: the paper preset's steps (the paper
+    publishes no code; its depth study trains 200 epochs)."""
+    pts = annotate(pd.DataFrame(STUDY.points("paper")).assign(run_id=lambda t: range(len(t)), status="completed"))
+    return {exp: stats.run_steps(g) for exp, g in pts.groupby("experiment")}
+
+
+PAPER_STEPS = _paper_steps()
