@@ -140,10 +140,13 @@ def channel_moments_vs_depth(probes: pd.DataFrame, step: int = 0, site: str = "p
 def ics_over_training(probes: pd.DataFrame, quantity: str = "l2", hue: str = "norm"):
     """Santurkar et al. Fig. 7 per arm: one panel per arm, ICS of each probed conv layer (colour:
     conv index) vs training step, mean over the runs given (e.g. seeds at the arm's chosen lr),
-    the band their min-max. quantity: 'l2' (‖G − G'‖), 'cos' (cos(G, G')) or 'rel' (l2/‖G‖)."""
+    the band their min-max. quantity: 'l2' (‖G − G'‖), 'cos' (cos(G, G')) or 'rel' (l2/‖G‖).
+    The title gives the replayed step (step_lr); a time with a zero step has no ICS rows."""
     _theme()
-    p = probes[probes["probe"] == "ics"].pivot_table(index=[hue, "run_id", "step", "depth"], columns="quantity",
-                                                     values="value").reset_index()
+    ics = probes[probes["probe"] == "ics"]
+    steps = sorted({f"{v:g}" for v in ics.loc[ics["quantity"] == "step_lr", "value"] if v > 0})
+    p = ics[ics["depth"] >= 0].pivot_table(index=[hue, "run_id", "step", "depth"], columns="quantity",
+                                           values="value").reset_index()
     if quantity == "rel":
         p["rel"] = p["l2"] / p["grad_norm"].where(p["grad_norm"] > 0)
     arms = sorted(p[hue].unique())
@@ -166,7 +169,9 @@ def ics_over_training(probes: pd.DataFrame, quantity: str = "l2", hue: str = "no
     if quantity in ("l2", "rel"):
         axes[0][0].set_yscale("symlog", linthresh=1e-4)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"ICS per layer over training ({label})", y=1.0)
+    at = (f"replayed step {steps[0]}" if len(steps) == 1 else f"replayed steps {', '.join(steps[:4])}"
+          + (" …" if len(steps) > 4 else "")) if steps else "replayed step not recorded"
+    fig.suptitle(f"ICS per layer over training ({label}; {at})", y=1.0)
     fig.tight_layout()
     return fig
 
@@ -178,6 +183,7 @@ def landscape_bands(probes: pd.DataFrame, hue: str = "norm"):
     _theme()
     p = probes[(probes["probe"] == "landscape") & probes["x"].isna()].pivot_table(
         index=[hue, "run_id", "step"], columns="quantity", values="value").reset_index()
+    etas = sorted(probes.loc[(probes["probe"] == "landscape") & (probes["quantity"] == "loss"), "x"].unique())
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     col = _colors(sorted(p[hue].unique()))
     for arm, d in p.groupby(hue):
@@ -185,7 +191,8 @@ def landscape_bands(probes: pd.DataFrame, hue: str = "norm"):
         axes[0].fill_between(g.index, g["loss_min"], g["loss_max"], color=col[arm], alpha=0.3, label=arm)
         axes[1].fill_between(g.index, g["grad_diff_min"], g["grad_diff_max"], color=col[arm], alpha=0.3, label=arm)
         axes[2].plot(g.index, g["beta_smoothness"], color=col[arm], marker="o", ms=3, label=arm)
-    for ax, t in zip(axes, ("loss landscape: L(θ − ηg), η ∈ [min, max]·lr",
+    at = ("η ∈ {" + ", ".join(f"{e:g}" for e in etas) + "}") if len(etas) <= 4 else f"{len(etas)} step sizes η"
+    for ax, t in zip(axes, (f"loss landscape: L(θ − ηg), {at}",
                             "gradient predictiveness: ‖∇L(θ) − ∇L(θ − ηg)‖", "effective β-smoothness")):
         ax.set(yscale="log", xlabel="step", title=t)
     axes[2].legend(fontsize=7, loc="best", ncol=2)

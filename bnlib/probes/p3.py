@@ -67,12 +67,29 @@ def _upstream(t: torch.Tensor) -> set[int]:
     return found
 
 
-def _replayed_update(ctx: ProbeContext, params: list, grads: list) -> list[torch.Tensor]:
+def _step_lrs(ctx: ProbeContext) -> tuple[float, list[float]]:
+    """The replayed update's step: (the weight group's lr, every group's lr). With
+    probe_ics_lr unset, the run's current scheduled rates. With probe_ics_lr set, every group's
+    lr is scaled so that the weight group's is probe_ics_lr, each group keeping its ratio to the
+    weight group's base rate (gamma_lr_mult, bias_lr_mult, alpha_lr_mult): one absolute step
+    for every arm, whatever rate it trains at (ICS grows with the step)."""
+    groups = ctx.optimizer.param_groups
+    # bnlib.optim names the weight group; another optimizer's: the group with the most elements
+    w = next((g for g in groups if g.get("name") == "weight"), None) or \
+        max(groups, key=lambda g: sum(p.numel() for p in g["params"]))
+    fixed = ctx.cfg.get("probe_ics_lr")
+    if fixed is None:
+        return float(w["lr"]), [float(g["lr"]) for g in groups]
+    base = w.get("initial_lr", w["lr"])  # LambdaLR keeps each group's base rate as initial_lr
+    return float(fixed), [float(fixed) * (g.get("initial_lr", g["lr"]) / base if base else 1.0) for g in groups]
+
+
+def _replayed_update(ctx: ProbeContext, params: list, grads: list, lrs: list[float]) -> list[torch.Tensor]:
     """The values `params` (of the probe's copy) take after the update the run's optimizer
     makes with `grads`: a fresh optimizer of the run's class over the copy's parameters, with
-    the run's parameter groups (this step's scheduled lr, momentum, weight decay, ...) and a deep
-    copy of its state (momentum buffers, Adam moments), stepped once. The run's optimizer is only
-    read. The copy's parameters are left as they were."""
+    the run's parameter groups (momentum, weight decay, ...) at the rates `lrs` (one per group,
+    _step_lrs) and a deep copy of its state (momentum buffers, Adam moments), stepped once. The
+    run's optimizer is only read. The copy's parameters are left as they were."""
     opt = ctx.optimizer
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [ctx.twin_params[id(p)] for p in g["params"]]}
               for g in opt.param_groups]
@@ -80,6 +97,8 @@ def _replayed_update(ctx: ProbeContext, params: list, grads: list) -> list[torch
     # deep copy: load_state_dict keeps tensors that need no cast, so the run's momentum
     # buffers would be shared and stepped in place
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for g, lr in zip(twin_opt.param_groups, lrs):  # after loading: the state dict carries the run's rates
+        g["lr"] = lr
     before = [p.detach().clone() for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
@@ -111,19 +130,30 @@ def _check_ics_layers(cfg: dict, bad: set) -> list[str]:
 
 @register_probe("ics", check=_check_ics_layers, params={
     "probe_ics_layers": Param([], "ics: conv indices (bnlib.models.conv_layers) whose internal covariate shift "
-                              "is measured ([]: every conv; each costs one forward-backward pass)", items="int")}, doc=(
+                              "is measured ([]: every conv; each costs one forward-backward pass)", items="int"),
+    "probe_ics_lr": Param(None, "ics: the replayed update's step, an absolute learning rate for the weights, the "
+                          "other parameter groups at their usual ratio to it (None: the run's current scheduled "
+                          "rate; a number: the same step for every run, so that runs at different rates compare "
+                          "at one step)", type="float", nullable=True, lo=0, lo_open=True)}, doc=(
         "P3 / Santurkar et al. 2018 Def. 2.1: internal covariate shift of conv layer i (bnlib.models.conv_layers; "
         "probe_ics_layers, default every conv) on the current training batch: G = dL/dW_i at the current "
         "parameters, G' = dL/dW_i after only the parameters upstream of layer i's input (every parameter its "
         "input depends on: earlier convs and their norms, earlier blocks' shortcuts; not layer i's own norm, "
         "which acts on its output) take the update the run's optimizer makes on this batch (its lr, momentum, "
-        "weight decay). Train-mode norms, buffers as before the step; layer 0's ICS is 0 unless a "
-        "learned layer precedes it (input_norm='bn'). Quantities: l2 = "
+        "weight decay; the step: the current scheduled rate, or probe_ics_lr for the weights with every other "
+        "group at its usual ratio to them, recorded as step_lr). At a zero step (probe_ics_lr None where the "
+        "schedule's rate is 0, e.g. a cosine's end) nothing moves, so nothing is measured: only step_lr = 0 is "
+        "written. Train-mode norms, buffers as before the step; layer 0's ICS is 0 unless a "
+        "learned layer precedes it (input_norm='bn'). Quantities: step_lr (once per time), l2 = "
         "||G - G'||, cos = cos(G, G'), grad_norm = ||G||. Stochastic nets (noisy BN, dropout): G and G' use the "
         "step's own random draw, and noise_l2, noise_cos (G at the next step's draw, no update: what the noise "
         "alone changes) and l2_fresh_draw, cos_fresh_draw (G' at the next step's draw) are added. At an epoch "
         "end the batch is the epoch's last one and the update is the one the optimizer would make on it next."))
 def ics(ctx: ProbeContext) -> list[dict]:
+    step_lr, lrs = _step_lrs(ctx)
+    rows = [ctx.row("ics", "step_lr", step_lr)]
+    if step_lr == 0:  # a zero step moves nothing: G' = G exactly, which is no measurement of ICS
+        return rows
     model = ctx.model
     convs = conv_layers(model)
     layers = [convs[i] for i in (ctx.cfg.get("probe_ics_layers") or range(len(convs)))]
@@ -143,8 +173,7 @@ def ics(ctx: ProbeContext) -> list[dict]:
              for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
     del loss
     G = {id(p): g for p, g in zip(params, grads)}
-    new = _replayed_update(ctx, params, grads)
-    rows = []
+    new = _replayed_update(ctx, params, grads, lrs)
     if stochastic:  # the same weights, the next draw: what the noise alone changes
         _, noisy = ev.grads([m.weight for _, _, m in layers], fresh=True)
         for (i, n, m), g in zip(layers, noisy):
@@ -172,26 +201,45 @@ def ics(ctx: ProbeContext) -> list[dict]:
     return rows
 
 
-def _check_landscape_steps(cfg: dict, bad: set) -> list[str]:
-    if "probe_landscape_steps" not in cfg or "probe_landscape_steps" in bad:
-        return []
-    k = cfg["probe_landscape_steps"]
-    if not k or any(not math.isfinite(v) or v <= 0 for v in k):
-        return [f"probe_landscape_steps={k!r}: must be a non-empty list of finite multiples of the "
-                f"learning rate > 0 (Santurkar et al. 2018: 0.5 ... 4)"]
-    return []
+def _check_landscape(cfg: dict, bad: set) -> list[str]:
+    errors = []
+    if "probe_landscape_steps" in cfg and "probe_landscape_steps" not in bad:
+        k = cfg["probe_landscape_steps"]
+        if not k or any(not math.isfinite(v) or v <= 0 for v in k):
+            errors.append(f"probe_landscape_steps={k!r}: must be a non-empty list of finite multiples of the "
+                          f"learning rate > 0 (Santurkar et al. 2018: 0.5 ... 4)")
+    if "probe_landscape_etas" in cfg and "probe_landscape_etas" not in bad:
+        e = cfg["probe_landscape_etas"]
+        if any(not math.isfinite(v) or v <= 0 for v in e):
+            errors.append(f"probe_landscape_etas={e!r}: each step size must be a finite number > 0; [] means "
+                          f"probe_landscape_steps × lr")
+    return errors
 
 
-@register_probe("landscape", check=_check_landscape_steps, params={
+def _etas(cfg: dict) -> tuple[list[float], bool]:
+    """The landscape's step sizes and whether they are absolute (probe_landscape_etas) rather
+    than multiples of the run's base lr (probe_landscape_steps)."""
+    if cfg.get("probe_landscape_etas"):
+        return [float(e) for e in cfg["probe_landscape_etas"]], True
+    lr = float(cfg["lr"])  # the base rate: late in a cosine schedule the scheduled one is ~0
+    return [k * lr for k in cfg["probe_landscape_steps"]], False
+
+
+@register_probe("landscape", check=_check_landscape, params={
     "probe_landscape_steps": Param([0.5, 1.0, 2.0, 4.0], "landscape: step sizes along the gradient as multiples of "
-                                   "lr (Santurkar et al. 2018 Fig. 4: 0.5 ... 4)")}, doc=(
+                                   "lr (Santurkar et al. 2018 Fig. 4: 0.5 ... 4); used when probe_landscape_etas "
+                                   "is []"),
+    "probe_landscape_etas": Param([], "landscape: absolute step sizes η along the gradient, the same for every run "
+                                  "([]: probe_landscape_steps × lr)")}, doc=(
         "P3 / Santurkar et al. 2018 Sec. 3.1, Fig. 4: from the current parameters θ and training batch, along the "
-        "gradient g = ∇L(θ) (every trainable parameter), for step sizes η = k·lr (k in probe_landscape_steps, "
-        "lr = the run's base learning rate): loss = L(θ − ηg) and grad_diff = ||∇L(θ) − ∇L(θ − ηg)|| (x = η); "
+        "gradient g = ∇L(θ) (every trainable parameter), for step sizes η (the absolute probe_landscape_etas, or "
+        "η = k·lr with k in probe_landscape_steps and lr the run's base learning rate when that is []): "
+        "loss = L(θ − ηg) and grad_diff = ||∇L(θ) − ∇L(θ − ηg)|| (x = η); "
         "their ranges loss_min, loss_max, grad_diff_min, grad_diff_max (gradient predictiveness: a small "
         "grad_diff means the gradient stays predictive along the step); beta_smoothness = max over η of "
-        "grad_diff / ||ηg|| (effective β-smoothness); loss_before, grad_norm, lr. Train-mode norms from the "
-        "same buffers and random draw at every point, so only θ moves."))
+        "grad_diff / ||ηg|| (effective β-smoothness); loss_before, grad_norm, lr, eta_absolute (1: the η are "
+        "probe_landscape_etas, 0: multiples of lr). Train-mode norms from the same buffers and random draw at "
+        "every point, so only θ moves."))
 def landscape(ctx: ProbeContext) -> list[dict]:
     model = ctx.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -199,12 +247,11 @@ def landscape(ctx: ProbeContext) -> list[dict]:
     loss0, g = ev.grads(params)
     gnorm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in g)))
     theta = [p.detach().clone() for p in params]
-    lr = float(ctx.cfg["lr"])  # the base rate: late in a cosine schedule the scheduled one is ~0
+    etas, absolute = _etas(ctx.cfg)
     rows = [ctx.row("landscape", "loss_before", loss0), ctx.row("landscape", "grad_norm", gnorm),
-            ctx.row("landscape", "lr", lr)]
+            ctx.row("landscape", "lr", float(ctx.cfg["lr"])), ctx.row("landscape", "eta_absolute", float(absolute))]
     losses, diffs, betas = [], [], []
-    for k in ctx.cfg["probe_landscape_steps"]:
-        eta = k * lr
+    for eta in etas:
         with torch.no_grad():
             for p, t, d in zip(params, theta, g):
                 p.copy_(t - eta * d)
