@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 DATASET ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv study test lab bench params clean-outputs
+.PHONY: venv study test lab bench params readme ladders clean-outputs
 
 venv: $(STAMP)
 
@@ -43,6 +43,16 @@ bench: $(STAMP)
 # notebooks/run.ipynb's parameters cell, regenerated from bnlib.RunConfig (after adding a parameter)
 params: $(STAMP)
 	$(PY) scripts/sync_params.py
+
+# README.md's verdict table, regenerated from outputs/studies/*/verdicts.json (after make study)
+readme: $(STAMP)
+	$(PY) scripts/readme_verdicts.py
+
+# the quick presets' learning-rate ladders (bnlib/studies/ladders/*.json), regenerated from
+# validation-only sweeps with seeds disjoint from the studies' (docs/presets.md); LADDERS=p1 for one
+LADDERS ?= p1 p5 p3
+ladders: $(STAMP)
+	$(PY) scripts/ladders.py $(LADDERS) --workers $(WORKERS)
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -5,12 +5,20 @@ user typed: norm, gamma0, ...), and returns the matplotlib Figure; notebooks onl
 """
 from __future__ import annotations
 
+import math
+import textwrap
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.lines import Line2D
+from matplotlib.transforms import blended_transform_factory
 
 __all__ = ["curves", "norm_drift", "norm_final_distribution", "acc_vs_batch", "acc_vs_lr", "arm_bars",
-           "channel_distribution", "mark_diverged"]
+           "channel_distribution", "mark_diverged", "forest", "OUTCOME_COLOURS"]
+
+# the report's index uses the same three colours (bnlib.report.OUTCOME_CSS)
+OUTCOME_COLOURS = {"supported": "#1a7f37", "contradicted": "#b42318", "inconclusive": "#9a6700"}
 
 
 def _theme():
@@ -166,4 +174,76 @@ def channel_distribution(channels: pd.DataFrame, hue: str = "norm"):
         sns.histplot(d, x="value", hue=hue, ax=ax, element="step", stat="density", common_norm=False, bins=60)
         ax.set_title(f"final per-channel {kind} ({d.groupby(hue).size().min()}+ channels per arm)")
     fig.tight_layout()
+    return fig
+
+
+def _effect(v) -> tuple[float, float, float, str]:
+    """(mean, lo, hi, why no interval) of a verdict's first effect; nan where absent (a verdict
+    written before a field existed, or a claim with no estimate)."""
+    e = v.effects[0] if getattr(v, "effects", None) else {}
+
+    def num(k):
+        x = e.get(k)
+        return float(x) if isinstance(x, (int, float)) else math.nan
+
+    return num("mean"), num("lo"), num("hi"), str(e.get("why_no_interval") or "")
+
+
+def forest(verdicts, width: float = 12.0):
+    """The verdicts at a glance: every claim's effect and 95% interval against its threshold
+    (a dashed tick on the claim's own row: thresholds differ between claims), coloured by
+    outcome, one panel per study, labelled on the left by the claim in a few words
+    (Verdict.short) and on the right by the outcome with its cause (Verdict.label). A panel has
+    one x scale because a study's effects share it more often than studies do (accuracy
+    differences, Spearman ρ, log10 ratios); the numbers are written beside each row. A claim with
+    an estimate but no interval is a hollow point marked "no interval"; one with no estimate at
+    all says so. Takes bnlib.stats.Verdict objects (or anything with their fields)."""
+    verdicts = list(verdicts)
+    if not verdicts:
+        raise ValueError("verdicts=[]: nothing to plot; pass the list bnlib.stats.read_verdicts(out) returns "
+                         "after a study has run")
+    _theme()
+    studies = list(dict.fromkeys(v.study for v in verdicts))
+    groups = [[v for v in verdicts if v.study == s] for s in studies]
+    fig, axes = plt.subplots(len(studies), 1, figsize=(width, 0.4 * len(verdicts) + 0.8 * len(studies) + 0.7),
+                             gridspec_kw={"height_ratios": [len(g) + 0.6 for g in groups]}, squeeze=False,
+                             layout="constrained")
+    for ax, study, group in zip(axes[:, 0], studies, groups):
+        right = blended_transform_factory(ax.transAxes, ax.transData)
+        xs = []
+        for i, v in enumerate(group):
+            y = -i
+            colour = OUTCOME_COLOURS.get(v.outcome, "grey")
+            mean, lo, hi, why = _effect(v)
+            thr = float(getattr(v, "threshold", 0.0) or 0.0)
+            ax.vlines(thr, y - 0.38, y + 0.38, colors="black", linestyles="--", lw=1)
+            xs.append(thr)
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.hlines(y, lo, hi, colors=colour, lw=2.5)
+                ax.plot([mean], [y], "o", color=colour, ms=7)
+                xs += [lo, hi, mean]
+                nums = f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            elif math.isfinite(mean):
+                ax.plot([mean], [y], "o", mfc="white", mec=colour, mew=2, ms=8)
+                ax.annotate("no interval", (mean, y), xytext=(-9, 0), textcoords="offset points", va="center",
+                            ha="right", fontsize=8, color=colour)
+                xs.append(mean)
+                nums = f"{mean:+.3f} (no interval{': ' + why if why else ''})"
+            else:
+                ax.text(0.01, y, "no estimate", transform=right, va="center", fontsize=8, color=colour)
+                nums = "no estimate"
+            at = getattr(v, "at_budget", "")
+            at = f"; {at} at this budget" if at and at != v.outcome else ""
+            ax.text(1.01, y, f"{textwrap.shorten(v.label + at, 60, placeholder='…)')}\n{nums}", transform=right,
+                    va="center", fontsize=8, color=colour, linespacing=1.1)
+        span = (max(xs) - min(xs)) or 1.0
+        ax.set_xlim(min(xs) - 0.12 * span, max(xs) + 0.12 * span)
+        ax.set_ylim(-len(group) + 0.4, 0.6)
+        ax.set_yticks([-i for i in range(len(group))],
+                      [v.short or textwrap.shorten(v.claim, 48, placeholder="…") for v in group])
+        ax.set_title(study, loc="left", fontweight="bold")
+    axes[-1, 0].set_xlabel("effect with its 95% interval (each study's own measure); dashed: the claim's threshold")
+    handles = [Line2D([], [], color=c, marker="o", lw=2.5, label=o) for o, c in OUTCOME_COLOURS.items()]
+    handles.append(Line2D([], [], color="grey", marker="o", mfc="white", lw=0, label="no interval"))
+    fig.legend(handles=handles, loc="outside upper right", ncol=len(handles), fontsize=8, frameon=False)
     return fig

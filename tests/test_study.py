@@ -130,18 +130,22 @@ def test_summary_executes_and_names_missing_studies(outputs):
 
 
 def test_verdicts_are_on_the_index_and_open_the_summary(outputs):
-    """The study notebook writes its verdicts; the index lists them next to the study's link and
-    the summary notebook shows them before any plot."""
+    """The study notebook writes its verdicts; the index lists them, one row per claim with its
+    outcome and cause, next to the study's link; the summary opens with the forest plot, then the
+    compact table and every sentence (folded)."""
+    import html
+
     from bnlib import stats
 
     vs = stats.read_verdicts(outputs["out"])
     assert vs and {v.study for v in vs} == {"tiny"} and all(v.outcome in stats.OUTCOMES for v in vs)
     text = outputs["index"].read_text()
-    assert 'class="verdicts"' in text and vs[0].outcome in text
+    assert 'class="verdicts"' in text and vs[0].label in text
     nb = json.loads((outputs["out"] / "summary.ipynb").read_text())
-    first_plot = next(i for i, c in enumerate(nb["cells"]) for o in c.get("outputs", []) if "image/png" in o.get("data", {}))
-    shown = "".join("".join(o.get("text", "")) for c in nb["cells"][:first_plot] for o in c.get("outputs", []))
-    assert vs[0].sentence in shown
+    code = [c for c in nb["cells"] if c["cell_type"] == "code" and c.get("outputs")]
+    assert "image/png" in code[0]["outputs"][0]["data"]  # the summary opens with the forest plot
+    h = "".join("".join(o.get("data", {}).get("text/html", "")) for o in code[1]["outputs"])
+    assert "<details>" in h and html.escape(vs[0].sentence) in h and vs[0].label in h
 
 
 def _chromium():
