@@ -90,10 +90,15 @@ def test_p5_points_derive_alpha_from_the_arch_and_map_back_to_their_variant():
         assert (dep.loc[dep["variant"] == "none", "residual_gain"].fillna(False) == False).all()  # noqa: E712
         bat = df[df["experiment"] == "batch"]
         assert set(bat["variant"]) >= {"bn", "skipinit"} and bat["batch_size"].nunique() >= 3
-        # the batch-size study's rates: powers of 2, the same grid of base_lr·B/128 at each batch size
+        # the batch-size study's rates: powers of 2 of base_lr·B/128; the paper's one grid at every
+        # batch size, the quick preset's a 3-rung ladder (×4) per variant and batch size (the sweep's)
         assert np.allclose(np.log2(bat["lr"]) % 1, 0)
-        per_b = bat.groupby("batch_size")["lr"].apply(lambda s: tuple(sorted({v * 128 / s.name for v in s})))
-        assert per_b.nunique() == 1
+        if preset == "paper":
+            per_b = bat.groupby("batch_size")["lr"].apply(lambda s: tuple(sorted({v * 128 / s.name for v in s})))
+            assert per_b.nunique() == 1
+        else:
+            rungs = bat.groupby(["variant", "batch_size"])["lr"].apply(lambda s: sorted(set(s)))
+            assert all(len(r) == 3 and np.allclose(np.diff(np.log2(r)), 2) for r in rungs)
         bnlib.validate({**pts[0], "device": "cpu"})
     quick = s.points("quick")
     for p in quick:
@@ -122,43 +127,30 @@ def _runs(depth_acc, batch_acc, seeds=(0, 1, 2), noise=0.004):
         val = np.nan if a is None else a + rng.normal(0, noise)
         rows.append({**row, "status": "diverged" if a is None else "completed", "best_val_acc": val,
                      "test_acc_at_best_val": np.nan if a is None else val + rng.normal(0, noise)})
-    # one rung more above each ladder, and below each batch-size ladder (the quick preset's depth
-    # ladders have 2 rungs): the worlds below then put every trained variant's best rate inside
-    # its ladder, not at an end (bnlib.stats.edge_guard), unless a test moves it
-    extra = []
-    for r in rows:
-        ladder = [x["lr"] for x in rows if x["arch"] == r["arch"] and x.get("batch_size") == r.get("batch_size")
-                  and p5.variant_of(x) == p5.variant_of(r)]
-        for lr in ([r["lr"] * 4] if r["lr"] == max(ladder) else []) + (
-                [r["lr"] / 4] if r["lr"] == min(ladder) and r["arch"] == p5.BATCH_ARCH else []):
-            v = p5.variant_of(r)
-            a = (batch_acc(v, r["batch_size"], lr) if r["arch"] == p5.BATCH_ARCH
-                 else depth_acc(v, int(r["arch"][3:].split("_")[0]), lr))
-            a = None if a is None else a - 0.04
-            val = np.nan if a is None else a + rng.normal(0, noise)
-            extra.append({**r, "lr": lr, "run_id": r["run_id"] + f"-{lr:g}", "status": "diverged" if a is None else
-                          "completed", "best_val_acc": val, "test_acc_at_best_val": np.nan if a is None else val})
-    rows += extra
-    for s in seeds:  # extra seeds beyond the preset's: the same points again
-        if s > 2:
-            rows += [{**r, "seed": s, "run_id": r["run_id"] + f"-{s}",
-                      "best_val_acc": r["best_val_acc"] + rng.normal(0, noise),
-                      "test_acc_at_best_val": r["test_acc_at_best_val"] + rng.normal(0, noise)}
-                     for r in rows if r["seed"] == 0]
+    for s in seeds:  # seeds beyond the preset's (its batch-size study has 3): seed 0's points again
+        have = {r["arch"] for r in rows if r["seed"] == s}
+        rows += [{**r, "seed": s, "run_id": r["run_id"] + f"-{s}",
+                  "best_val_acc": r["best_val_acc"] + rng.normal(0, noise),
+                  "test_acc_at_best_val": r["test_acc_at_best_val"] + rng.normal(0, noise)}
+                 for r in rows if r["seed"] == 0 and r["arch"] not in have]
     return SimpleNamespace(runs=pd.DataFrame(rows), probes=pd.DataFrame())
 
 
 def _p5_depth(v, depth, lr):  # the paper's picture: SkipInit ≈ BN at depth 1000, α = 1 and 1/√2 diverge
     if v in ("none", "fixed_inv_sqrt2") and depth >= 100:
         return None
-    best = {"bn": 0.80, "skipinit": 0.79, "skipinit_inv_sqrt_d": 0.78, "none": 0.75, "fixed_inv_sqrt2": 0.76}[v]
-    return best - (0.03 if lr == min(p5.LR_LADDERS["quick"][v]) else 0.0)
+    # each variant runs at one rate per depth (fixed by the ladder sweep): no choice, no edge
+    return {"bn": 0.80, "skipinit": 0.79, "skipinit_inv_sqrt_d": 0.78, "none": 0.75, "fixed_inv_sqrt2": 0.76}[v]
 
 
-def _p5_batch(v, b, lr):  # equal at batch 16; at 256 BN's larger rate wins
-    best_lr = b / 128 * (2 ** -3 if v == "skipinit" or b < 256 else 2 ** -1)
+def _rung(v, b, lr) -> int:
+    """Which rung of the quick preset's (variant, batch size) ladder a batch-study run is on."""
+    return [round(x * b / 128, 10) for x in p5.LR_LADDERS["quick"][v, b]].index(round(lr, 10))
+
+
+def _p5_batch(v, b, lr):  # equal at batch 16; at 256 BN wins; each optimum at its ladder's middle rung
     top = 0.85 if (b < 256 or v == "bn") else 0.72
-    return top - 0.05 * abs(math.log2(lr / best_lr)) / 2
+    return top - 0.025 * abs(_rung(v, b, lr) - 1)
 
 
 def _outcomes(vs):
@@ -177,7 +169,8 @@ def test_verdicts_support_p5_when_the_runs_show_it():
                    "SkipInit beats α = 1 and fixed α = 1/√2 at depth 1000": "supported",
                    "BN's advantage over SkipInit is confined to large batch sizes": "supported"}, out
     table = p5.batch_table(_runs(_p5_depth, _p5_batch).runs).set_index(["variant", "batch_size"])
-    assert table.loc[("bn", 256), "lr"] == 1.0 and table.loc[("skipinit", 256), "lr"] == 0.25
+    # the middle rungs: base_lr 0.25 (bn) and 0.5 (skipinit) at batch 256, lr = base_lr·256/128
+    assert table.loc[("bn", 256), "lr"] == 0.5 and table.loc[("skipinit", 256), "lr"] == 1.0
     tr = p5.trainability(_runs(_p5_depth, _p5_batch).runs).set_index(["variant", "net_depth"])
     assert not tr.loc[("none", 1000), "trains"] and tr.loc[("skipinit", 1000), "trains"]
     assert p5.trainability_grid(tr.reset_index()).loc["none (α = 1)", 1000] == "diverged"
@@ -189,7 +182,7 @@ def test_verdicts_contradict_when_skipinit_fails_at_depth_and_bn_leads_at_every_
         return a - 0.25 if (v == "skipinit" and d == 1000 and a is not None) else a
 
     def batch(v, b, lr):
-        return 0.85 - 0.05 * abs(math.log2(lr * 128 / b / 2 ** -3)) / 2 - (0.0 if v == "bn" else 0.1)
+        return 0.85 - 0.025 * abs(_rung(v, b, lr) - 1) - (0.0 if v == "bn" else 0.1)
 
     out = _outcomes(p5.verdicts(_runs(depth, batch)))
     assert out["SkipInit (α₀ = 0, no normalization) recovers BN's trainability at depth 1000"] == "contradicted"
@@ -237,8 +230,8 @@ def test_an_ablation_with_too_few_seeds_is_left_to_the_table_not_claimed():
 
 
 def test_a_choice_at_the_end_of_the_grid_makes_the_claim_inconclusive():
-    def batch(v, b, lr):  # SkipInit's best rate lies below the grid at batch 256
-        return _p5_batch(v, b, lr) + (0.05 * math.log2(b / 128 * 2 ** -5 / lr) if v == "skipinit" and b == 256 else 0)
+    def batch(v, b, lr):  # SkipInit's best rate lies below its ladder at batch 256: its lowest rung wins
+        return _p5_batch(v, b, lr) - (0.03 * _rung(v, b, lr) if v == "skipinit" and b == 256 else 0)
 
     v = p5.verdicts(_runs(_p5_depth, batch))[-1]
     assert "skipinit at lr" in v.sentence and "batch_size 256" in v.sentence and "end of its ladder" in v.sentence

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 import bnlib.stats as stats
+from ..ladder_file import ladders
 from ..models import num_blocks
 from .base import Preset, Study, register_study
 
@@ -77,13 +78,16 @@ VARIANTS = {
 }
 DEPTH_VARIANTS = ["bn", "skipinit", "skipinit_inv_sqrt_d", "none", "fixed_inv_sqrt2"]
 
-# Each variant's learning-rate ladder in the depth study (the grid axis `lr_rung` indexes it),
-# at the depth study's batch size: normalized nets train at larger rates than unnormalized ones
-# (P4), so one shared ladder would put some variant's optimum off its end. bnlib's choice.
+# Each variant's learning rates (the grid axis `lr_rung` indexes them): normalized nets train at
+# larger rates than unnormalized ones (P4), so one shared ladder would put some variant's optimum
+# off its end. The quick ones come from a validation-only sweep with seeds and a data seed of its
+# own (bnlib/studies/ladders/p5.json; `python scripts/ladders.py p5` regenerates it), keyed
+# (variant, arch) in the depth study — one rate, the sweep's best, which the study runs without
+# choosing, to afford depth 1000 — and (variant, batch size) in the batch-size study: a 3-rung
+# base_lr ladder (lr = base_lr·B/128) the study chooses on. The paper's are a priori grids per
+# variant. bnlib's choice.
 LR_LADDERS = {
-    # quick: from single runs of WRN-1000-1 at full width (docs/presets.md)
-    "quick": {"bn": (0.1, 0.2), "skipinit": (0.05, 0.1), "skipinit_inv_sqrt_d": (0.05, 0.1),
-              "none": (0.01, 0.04), "fixed_inv_sqrt2": (0.01, 0.04), "skipinit_reg": (0.05, 0.1)},
+    "quick": ladders("p5", "quick"),
     "paper": {"bn": (0.025, 0.05, 0.1, 0.2), "skipinit": (0.0125, 0.025, 0.05, 0.1),
               "skipinit_inv_sqrt_d": (0.0125, 0.025, 0.05, 0.1), "none": (0.003, 0.01, 0.03, 0.1),
               "fixed_inv_sqrt2": (0.003, 0.01, 0.03, 0.1), "skipinit_reg": (0.0125, 0.025, 0.05, 0.1)},
@@ -94,15 +98,14 @@ PRESET_NOTES = {
     "quick": "quick preset: Fashion-MNIST (real images), short training on CPU. Depth study: WRN-16-1, -100-1 and "
              "-1000-1 at full width (16-64 channels) with a strided stem (7x7/2 conv and max-pool: the 1000-layer "
              "net's blocks run on 7x7 maps, which is what makes it trainable on 2 cores), 1 epoch of 1 024 images "
-             "(16 steps at batch 64), 2 learning rates per variant (at depth 1000 one, 0.1, for the table-only "
-             "ablation α₀ = 1/√d), 3 seeds everywhere. Batch-size study: WRN-16-4 at width 1/4, 2 epochs of "
-             "2 048 images, batch sizes 16/64/256, 3 learning rates (powers of 4 apart) per batch size, 3 seeds. "
-             "141 runs (their time: docs/performance.md). It can show the signal-propagation curves at init, which variants train "
-             "at which depth after 16 steps, and the batch-size interaction with intervals. It cannot show "
-             "long-run accuracies, CIFAR-10 numbers or the paper's fine learning-rate grid: run --preset paper "
-             "for those (GPU). With 2 rates per variant every depth-study choice sits at an end of its ladder, "
-             "and with 3 seeds a paired interval on 16-step accuracies is wide: a non-inferiority margin of 5 "
-             "points can come out inconclusive even where SkipInit is ahead.",
+             "(16 SGD steps at batch 64), each variant at one rate per depth fixed by a validation sweep on other "
+             "seeds (bnlib/studies/ladders/p5.json), 5 seeds. Batch-size study: WRN-16-4 at width 1/4, 2 epochs of "
+             "2 048 images, batch sizes 16/64/256, a 3-rung ladder per variant and batch size from the same sweep, "
+             "3 seeds. 129 runs. It can show the signal-propagation curves at init, which variants train at which "
+             "depth after 16 steps, and the batch-size interaction at this budget, with intervals. It cannot decide "
+             "the paper's claims about trained accuracy (16 of the paper preset's ~140 000 steps: every accuracy "
+             "verdict is 'inconclusive (budget)' with its statistics at this budget beside it), CIFAR-10 numbers "
+             "or the paper's fine learning-rate grid: run --preset paper for those (GPU).",
     "paper": "paper preset: CIFAR-10, WRN-16/100/1000-1 and WRN-16-4 at full width, 200 epochs for depth, 4 "
              "learning rates per variant, batch sizes 16-1024 on a grid of powers of 2 of the learning rate, 3 "
              "seeds (bnlib's protocol: the paper publishes no code).",
@@ -111,15 +114,20 @@ PRESET_NOTES = {
 
 def derive(point: dict) -> dict:
     """A grid point -> run parameters: `variant` -> norm and residual-gain parameters (α0 = 1/√d
-    with d = bnlib.models.num_blocks(arch)); `lr_rung` -> the variant's ladder (LADDERS[point's
-    `ladder`]); `base_lr` -> lr = base_lr·B/128 (the batch-size study: the grid slides with B)."""
+    with d = bnlib.models.num_blocks(arch)); `lr_rung` -> a rung of the variant's ladder
+    (LR_LADDERS[point's `ladder`], keyed by variant, (variant, arch) or (variant, batch size));
+    `base_lr` -> lr = base_lr·B/128 (the batch-size study: the grid slides with B)."""
     variant = point.pop("variant")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}; valid choices: {list(VARIANTS)}")
     out = VARIANTS[variant].params(point["arch"])
-    ladder = point.pop("ladder", "quick")
+    ladder = LR_LADDERS[point.pop("ladder", "quick")]
     if "lr_rung" in point:
-        out["lr"] = LR_LADDERS[ladder][variant][point.pop("lr_rung")]
+        rung = point.pop("lr_rung")
+        if (variant, point["batch_size"]) in ladder and point["arch"] == BATCH_ARCH:  # base_lr at batch 128
+            point["base_lr"] = ladder[variant, point["batch_size"]][rung]
+        else:
+            out["lr"] = ladder.get((variant, point["arch"]), ladder.get(variant))[rung]
     if "base_lr" in point:
         out["lr"] = round(point.pop("base_lr") * point["batch_size"] / 128, 10)
     return out
@@ -427,8 +435,9 @@ def _depth_archs(depths) -> list[str]:
 # the quick depth study's sub-grid (without its archs)
 # (full width: at width 1/4 the k = 1 nets have 4-16 channels, and SkipInit, which starts as
 # stem + classifier on 4 channels, stayed near chance at every rate: 0.10-0.18 in 16 steps)
-_QUICK_DEPTH = dict(variant=DEPTH_VARIANTS, lr_rung=[0, 1], stem=["imagenet"], width=[1.0], n_train=[1024],
-                    epochs=[1], batch_size=[64], log_every=[4], probes=[["signal_propagation"]])
+# one rate per (variant, depth), fixed by the sweep: 5 seeds at the cost of the earlier 2-rung ladders
+_QUICK_DEPTH = dict(variant=DEPTH_VARIANTS, lr_rung=[0], seed=[0, 1, 2, 3, 4], stem=["imagenet"], width=[1.0],
+                    n_train=[1024], epochs=[1], batch_size=[64], log_every=[4], probes=[["signal_propagation"]])
 
 STUDY = register_study(Study(
     name="p5",
@@ -453,18 +462,11 @@ STUDY = register_study(Study(
                       bn_eval_stats="precise", precise_batches=4, probe_batch_size=64),
             grid=dict(seed=[0, 1, 2]),
             subgrids=(
-                # 3 seeds for every variant at every depth; at depth 1000 the ablation α₀ = 1/√d
-                # (table only, no claim rests on it) runs at one rate, SkipInit's upper rung (the
-                # ≤ 8 min budget of the depth study: a full-width 1000-layer run that trains all
-                # 16 steps is its most expensive point)
-                dict(arch=_depth_archs([1000]), **{**_QUICK_DEPTH, "variant": ["bn", "skipinit", "none",
-                                                                               "fixed_inv_sqrt2"]}),
-                dict(arch=_depth_archs([1000]), **{**_QUICK_DEPTH, "variant": ["skipinit_inv_sqrt_d"], "lr_rung": [1]}),
-                dict(arch=_depth_archs([100, 16]), **_QUICK_DEPTH),
-                # rates base_lr·B/128 with base_lr 1/8, 1/2, 2: in the first run (1/32, 1/8, 1/2) BN's
-                # choice sat at the top rate at every batch size, SkipInit's at 16 and 64
-                dict(arch=[BATCH_ARCH], variant=["bn", "skipinit"], batch_size=[256, 64, 16],
-                     base_lr=[2 ** -3, 2 ** -1, 2 ** 1], n_train=[2048], epochs=[2], log_every=[4]),
+                # 5 seeds for every variant at every depth, the deepest first (its runs cost most)
+                dict(arch=_depth_archs([1000, 100, 16]), **_QUICK_DEPTH),
+                # per batch size, each variant's 3-rung base_lr ladder (lr = base_lr·B/128)
+                dict(arch=[BATCH_ARCH], variant=["bn", "skipinit"], batch_size=[256, 64, 16], lr_rung=[0, 1, 2],
+                     n_train=[2048], epochs=[2], log_every=[4]),
             )),
         "paper": Preset(
             base=dict(dataset="cifar10", width=1.0, momentum=0.9, weight_decay=5e-4, schedule="cosine", n_train=None,
