@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 import bnlib.stats as stats
+from ..ladder_file import ladders
 from .base import Preset, Study, register_study
 from .p4 import largest_stable_lr  # P4's definition of a stable rate, shared, not restated
 
@@ -50,26 +51,15 @@ QUICK_LANDSCAPE_ETAS = [0.5 * PROBE_LR, 2 * PROBE_LR]  # Santurkar's η ∈ [0.5
 PAPER_LANDSCAPE_ETAS = [k * PROBE_LR for k in (0.5, 1.0, 2.0, 4.0)]
 # Each arm's learning-rate ladder (the lr itself at the preset's batch size; the grid axis
 # `lr_rung` indexes it), as P1 does: one shared sweep put some arm's optimum off its end. The
-# study reads ladders from LR_LADDERS only; any number of rungs per arm works (_ladder_preset).
-_BN_LIKE = (0.32, 1.28)
-_HAND_QUICK = {"bn": _BN_LIKE, "bn_minus": _BN_LIKE, "noisy_bn": _BN_LIKE, "batch_renorm": (0.08, 0.32),
-               "ghost_bn": _BN_LIKE, "group_norm": (0.16, 0.64), "layer_norm": (0.16, 0.64),
-               "affine": (0.1, 0.2, 0.4), "none": (0.1, 0.2, 0.4), "ics_free": (0.04, 0.16)}
+# quick ladders (3 rungs, ×4 apart) are centred on each arm's best rate in a validation-only sweep
+# with seeds and a data seed of its own (bnlib/studies/ladders/p3.json; `python scripts/ladders.py
+# p3` regenerates it); the paper's are a priori grids. lr* (claim 3) is read off these ladders.
 LR_LADDERS = {
-    "quick": _HAND_QUICK,
+    "quick": ladders("p3", "quick"),
     "paper": {**{a: (0.01, 0.03, 0.1, 0.3, 1.0) for a in ARMS},
               "affine": (0.001, 0.003, 0.01, 0.03, 0.1), "none": (0.001, 0.003, 0.01, 0.03, 0.1),
               "ics_free": (0.003, 0.01, 0.03, 0.1, 0.3)},
 }
-# ==== GENERATED QUICK LADDERS: load them here (issue 21 item 4) ==================================
-# `python scripts/ladders.py p3` (bnlib.ladders) writes bnlib/studies/ladders/p3.json: 3 rungs per
-# arm (best/4, best, best·4), chosen on validation accuracy of runs whose seeds and data seed are
-# disjoint from the study's. Once it exists, replace _HAND_QUICK with it here:
-#     LR_LADDERS["quick"] = bnlib.ladder_file.ladders("p3", "quick")
-# _HAND_QUICK was read off test accuracies of earlier runs with the study's own seeds
-# (docs/presets.md, a known defect); most of its ladders have 2 rungs, so each of those arms'
-# choices sits at a ladder edge and every claim comparing it says "inconclusive (ladder edge)".
-# =================================================================================================
 # The quick preset's recipe, the same for every arm (recorded in every run's config): SkipInit
 # (De & Smith 2020: a learnable α = 0 at the end of each residual branch) and a half-epoch linear
 # warm-up. Without it the unnormalized He-init ResNet-18 collapses to a constant output in its
@@ -83,9 +73,8 @@ PRESET_NOTES = {
     "quick": "quick preset: Fashion-MNIST (real images), ResNet18 (CIFAR stem) at width 1/8, a 2 048-image training "
              "set, 2 epochs at batch 64 (64 steps), 3 matched seeds; every arm with the same recipe, SkipInit (α = 0 "
              "at the end of each residual branch) and a half-epoch linear warm-up (QUICK_RECIPE: without it none "
-             "and affine stay at chance); each arm on its own ladder (LR_LADDERS; hand-set, 2 rungs for most arms "
-             "until the generated 3-rung ladders replace them: a choice at a ladder edge makes a claim "
-             "inconclusive); ICS on 2 of the 20 convs and the landscape at 2 step sizes, every arm at one step "
+             "and affine stay at chance); each arm on its own 3-rung ladder from a validation sweep on other seeds "
+             "(LR_LADDERS; a choice at a ladder's end makes a claim inconclusive); 90 runs; ICS on 2 of the 20 convs and the landscape at 2 step sizes, every arm at one step "
              "(PROBE_LR = 0.04; η = 0.02, 0.08), at init and each epoch end. It can show whether the arms differ "
              "in ICS and smoothness at one step along 64 steps, and BN's ICS against the ICS-free scheme's. Every "
              "claim about accuracy is inconclusive (budget): 64 steps are under a tenth of the paper preset's; its "
