@@ -147,6 +147,7 @@ def _verdict_rows(verdicts: list[Verdict], study_cell: str) -> str:
 def _study_rows(path: Path, study_cell: str) -> str:
     """The study's verdicts (written by its analysis notebook) as compact rows, or one row that
     says there are none yet or why they cannot be read."""
+    why = "no verdicts in verdicts.json"
     try:
         verdicts = load_verdicts(path)
     except FileNotFoundError:
