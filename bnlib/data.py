@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,10 +138,16 @@ def make_synthetic(n: int, seed: int = 0, split: str = "train", size: int = 32, 
 # Registry
 # ----------------------------------------------------------------------------------------------
 
-def _load_synthetic(cfg) -> tuple:
-    xtr, ytr = make_synthetic(cfg["synthetic_size"], seed=cfg["data_seed"], split="train")
-    xte, yte = make_synthetic(max(1, cfg["synthetic_size"] // 5), seed=cfg["data_seed"], split="test")
+@functools.lru_cache(maxsize=2)
+def _synthetic_arrays(size: int, seed: int) -> tuple:
+    """The generated set, cached per process like the file sets (generating it takes seconds)."""
+    xtr, ytr = make_synthetic(size, seed=seed, split="train")
+    xte, yte = make_synthetic(max(1, size // 5), seed=seed, split="test")
     return xtr, ytr, xte, yte, 10
+
+
+def _load_synthetic(cfg) -> tuple:
+    return _synthetic_arrays(cfg["synthetic_size"], cfg["data_seed"])
 
 
 def _remove_if_made_empty(root: str, existed: bool) -> None:
@@ -306,23 +313,46 @@ def _cap(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return stratified_split(labels, n / len(labels), seed)[1]
 
 
-def load_data(cfg: dict, device: torch.device) -> DeviceData:
-    """Load `cfg['dataset']`, carve the validation split, apply the caps and move it all to
-    `device` as uint8. `cfg` is a resolved run config (see bnlib.config)."""
-    xtr, ytr, xte, yte, num_classes = DATASETS[cfg["dataset"]](cfg)
+# load_data's splits, per process: (array ids, split parameters) -> (weak references to the
+# arrays: an id reused by other arrays after a loader's cache was cleared does not match, and no
+# array is kept alive here; (keep, val, test, mean, std)). At most _SPLITS_KEPT, oldest out first.
+_SPLITS: dict = {}
+_SPLITS_KEPT = 8
+
+
+def _split(xtr: np.ndarray, ytr: np.ndarray, yte: np.ndarray, cfg: dict) -> tuple:
+    """(train, val, test indices, pool mean, pool std): the same for every run on one data set,
+    data_seed and sizes, so a reused kernel computes them once."""
+    params = (cfg["val_fraction"], cfg["n_train"], cfg["n_test"], cfg["data_seed"])
+    key = (id(xtr), id(ytr), id(yte), params)
+    hit = _SPLITS.get(key)
+    if hit is not None and all(ref() is a for ref, a in zip(hit[0], (xtr, ytr, yte))):
+        return hit[1]
     rest, val = stratified_split(ytr, cfg["val_fraction"], cfg["data_seed"])
     keep = rest[_cap(ytr[rest], cfg["n_train"], cfg["data_seed"] + 1)]
     test = _cap(yte, cfg["n_test"], cfg["data_seed"] + 2)
     # true statistics of the training pool, in [0, 1] units (per channel over N, H, W)
     pool = torch.from_numpy(xtr[keep]).float().div_(255)
-    mean = pool.mean(dim=(0, 2, 3))
-    std = pool.std(dim=(0, 2, 3))
+    out = (keep, val, test, tuple(pool.mean(dim=(0, 2, 3)).tolist()), tuple(pool.std(dim=(0, 2, 3)).tolist()))
+    for idx in out[:3]:
+        idx.setflags(write=False)  # shared by every later run: never written
+    while len(_SPLITS) >= _SPLITS_KEPT:
+        _SPLITS.pop(next(iter(_SPLITS)))
+    _SPLITS[key] = (tuple(weakref.ref(a) for a in (xtr, ytr, yte)), out)
+    return out
+
+
+def load_data(cfg: dict, device: torch.device) -> DeviceData:
+    """Load `cfg['dataset']`, carve the validation split, apply the caps and move it all to
+    `device` as uint8. `cfg` is a resolved run config (see bnlib.config)."""
+    xtr, ytr, xte, yte, num_classes = DATASETS[cfg["dataset"]](cfg)
+    keep, val, test, mean, std = _split(xtr, ytr, yte, cfg)
 
     def put(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     return DeviceData(put(xtr[keep]), put(ytr[keep]), put(xtr[val]), put(ytr[val]), put(xte[test]),
-                      put(yte[test]), tuple(mean.tolist()), tuple(std.tolist()), num_classes)
+                      put(yte[test]), mean, std, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------

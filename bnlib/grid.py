@@ -176,13 +176,16 @@ def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str]
 
 def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
               scheduler: str | None = None, analyze: bool = True, progress: bool = True,
-              dataset: str | None = None, cluster: dict | None = None, retries: int = RETRIES) -> Counter:
+              dataset: str | None = None, cluster: dict | None = None, retries: int = RETRIES,
+              session: dict | None = None) -> Counter:
     """Run (or resume) every point of `study` at `preset` (on `dataset` instead of the preset's
     when given), then its analysis notebook. Returns the counts of completed / diverged /
     failed / skipped runs. `scheduler`: a running Dask scheduler's address; `cluster`:
     {"kind": "slurm", ...slurm_cluster options} to start `workers` SLURM jobs; else `workers`
     local processes (1: in this process). `retries`: how often a point whose worker died is
-    started again (from its checkpoint) before it counts as failed."""
+    started again (from its checkpoint) before it counts as failed. `session`: a dict that
+    holds the Dask connection across studies (run_all's: one cluster, whose workers keep their
+    kernels, for every study; the caller disconnects it); None: connected for this study alone."""
     study = get_study(study) if isinstance(study, str) else study
     out = Path(out).resolve()
     items = plan(study, preset, out, dataset)
@@ -192,11 +195,15 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     # which answers "skipped" for a finished one without starting a kernel.
     todo = [it for it in items if it["status"] not in FINISHED or (remote and it["auto"])]
     counts = Counter(skipped=len(items) - len(todo))
-    conn = _connect(workers, scheduler, cluster, retries, out) if todo else None  # fails before the manifest
+    conn = (session or {}).get("conn")
+    if conn is None and todo:
+        conn = _connect(workers, scheduler, cluster, retries, out)  # fails before the manifest
+        if session is not None:
+            session["conn"] = conn
     try:
         print(f"study {study.name} [{preset}]: {len(items)} runs, {sum(i['epochs'] for i in items)} epochs "
               f"({len(todo)} to run, {counts['skipped']} already done) -> {out / 'runs'}"
-              + (f" on {conn['where']}" if conn else ""), flush=True)
+              + (f" on {conn['where']}" if conn and todo else ""), flush=True)
         _write_manifest(study, preset, out, items, dataset)
         bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="run", disable=not progress or not todo,
                    file=sys.stderr)
@@ -225,7 +232,8 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
             bar.close()
             _write_manifest(study, preset, out, items, dataset)  # the ids the runs really have
     finally:
-        _disconnect(conn)
+        if session is None:
+            _disconnect(conn)
     counts["skipped"] += counts.pop("locked", 0)  # still held by a live process outside any study
     print(f"study {study.name}: " + " / ".join(f"{k} {counts[k]}" for k in ("completed", "diverged", "failed",
                                                                            "skipped")), flush=True)
@@ -260,9 +268,15 @@ def run_all(preset: str = "quick", out="outputs", workers: int = 1, scheduler: s
     for name in names:  # a missing data set or a bad point stops here, before any run
         plan(get_study(name), preset, out, dataset)
     results = {}
-    for name in names:
-        results[name] = run_study(name, preset, out, workers, scheduler, dataset=dataset, cluster=cluster,
-                                  retries=retries)
+    # one Dask cluster for every study: starting workers, their kernels and each kernel's first
+    # run (imports, the data set's decoding) once, not once per study
+    session: dict = {}
+    try:
+        for name in names:
+            results[name] = run_study(name, preset, out, workers, scheduler, dataset=dataset, cluster=cluster,
+                                      retries=retries, session=session)
+    finally:
+        _disconnect(session.get("conn"))
     execute_shared_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})
     index = build_report(out)
     print(f"report: {index}")

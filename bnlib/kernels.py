@@ -12,7 +12,7 @@ import functools
 import os
 from pathlib import Path
 
-__all__ = ["ROOT", "NOTEBOOKS", "KERNEL_REUSE", "execute_notebook", "execute_shared_notebook",
+__all__ = ["ROOT", "NOTEBOOKS", "KERNEL_REUSE", "ENGINE", "execute_notebook", "execute_shared_notebook",
            "shutdown_point_kernel"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +39,71 @@ def _kernel_manager_class():
     return CurveKernelManager
 
 
+ENGINE = "bnlib"  # the papermill engine execute_notebook registers and uses (_engine)
+
+
+@functools.lru_cache(maxsize=None)
+def _engine() -> str:
+    """papermill's nbclient engine, writing the notebook as each code cell starts (the outputs so
+    far and which cell runs) rather than at the start and the end of every cell, markdown
+    included, and before and after the notebook: each write serializes and validates the whole
+    notebook. papermill's 30-s autosave still writes a long cell's output. After an engine error
+    (a dead kernel) the notebook is written as it stands, since papermill then writes nothing;
+    otherwise papermill writes the finished notebook itself."""
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+
+    class Manager(NotebookExecutionManager):
+        writes = False  # save() writes only while this is set
+
+        def save(self, **kw):
+            if self.writes:
+                super().save(**kw)
+
+        def _writing(self, method, *args, **kw):
+            self.writes = True
+            try:
+                return method(*args, **kw)
+            finally:
+                self.writes = False
+
+        def cell_start(self, cell, cell_index=None, **kw):
+            if cell.get("cell_type") != "code":
+                return super().cell_start(cell, cell_index, **kw)
+            return self._writing(super().cell_start, cell, cell_index, **kw)
+
+        def autosave_cell(self):
+            return self._writing(super().autosave_cell)
+
+    class Engine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
+                             autosave_cell_every=30, **kw):
+            # papermill's Engine.execute_notebook, with the Manager above
+            nb_man = Manager(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                             autosave_cell_every=autosave_cell_every)
+            nb_man.notebook_start()
+            try:
+                cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kw)
+            except BaseException:
+                nb_man.writes = True
+                raise
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.nb
+
+    papermill_engines.register(ENGINE, Engine)
+    return ENGINE
+
+
 def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT, km=None) -> None:
     """papermill with the settings every bnlib notebook uses (the kernel is this Python's).
 
-    The executed notebook is saved after every cell to `.NAME.partial.ipynb` beside `dst` (watch it
-    there) and moved onto `dst` when execution ends, failed or not: a reader (the report, a
-    second study process) never sees a half-written `dst`. `km`: an already started kernel to
-    run in (papermill passes it to nbclient, which then neither starts nor stops a kernel);
-    None starts a fresh kernel for this notebook alone."""
+    The executed notebook is saved as each code cell starts (_engine) to `.NAME.partial.ipynb`
+    beside `dst` (watch it there) and moved onto `dst` when execution ends, failed or not: a
+    reader (the report, a second study process) never sees a half-written `dst`. `km`: an
+    already started kernel to run in (papermill passes it to nbclient, which then neither starts
+    nor stops a kernel); None starts a fresh kernel for this notebook alone."""
     import papermill as pm
 
     dst = Path(dst)
@@ -55,7 +112,8 @@ def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT, k
     kernel = {"km": km} if km is not None else {"kernel_manager_class": _kernel_manager_class()}
     try:
         pm.execute_notebook(str(src), str(partial), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-                            progress_bar=False, log_output=False, request_save_on_cell_execute=True, **kernel)
+                            engine_name=_engine(), progress_bar=False, log_output=False,
+                            request_save_on_cell_execute=True, **kernel)
     finally:
         if partial.exists():
             os.replace(partial, dst)

@@ -148,6 +148,48 @@ def test_load_data_is_deterministic_and_follows_data_seed(small):
     assert not torch.equal(d.x_val, d3.x_val)
 
 
+def test_split_cache_gives_what_a_fresh_split_gives(monkeypatch):
+    """A reused kernel loads each (data set, data_seed, sizes) split once: the cached split and
+    statistics are exactly the ones computed afresh, and new sizes, a new seed or reloaded
+    arrays (a cleared loader cache) are split again."""
+    from bnlib import data
+
+    calls = []
+    real = data.stratified_split
+    monkeypatch.setattr(data, "stratified_split", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    cfg = bnlib.validate(synthetic_size=500, n_train=200, n_test=50, val_fraction=0.2)
+
+    def fresh(c):
+        data._SPLITS.clear()
+        data._synthetic_arrays.cache_clear()
+        return load_data(c, CPU)
+
+    def same(a, b):
+        for f in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        assert a.mean == b.mean and a.std == b.std and a.num_classes == b.num_classes
+
+    first = fresh(cfg)
+    n = len(calls)
+    assert n > 0
+    cached = load_data(cfg, CPU)
+    assert len(calls) == n  # nothing split again
+    same(cached, first)
+    assert data._synthetic_arrays(500, cfg["data_seed"]) is data._synthetic_arrays(500, cfg["data_seed"])
+    for change in ({"n_train": 100}, {"n_test": 40}, {"val_fraction": 0.1}, {"data_seed": 1}):
+        n = len(calls)
+        got = load_data({**cfg, **change}, CPU)
+        assert len(calls) > n, change
+        same(got, fresh({**cfg, **change}))
+    data._synthetic_arrays.cache_clear()  # the same data set, loaded again: other arrays
+    n = len(calls)
+    same(load_data(cfg, CPU), first)
+    assert len(calls) > n
+    keep = next(v for v in data._SPLITS.values())[1][0]
+    with pytest.raises(ValueError):  # shared by later runs: read-only
+        keep[0] = 0
+
+
 @pytest.mark.filterwarnings("ignore:std\\(\\)")
 @pytest.mark.parametrize("n_train", [15, 5])
 def test_n_train_is_a_cap(n_train):

@@ -111,6 +111,35 @@ def test_scheduler_study_same_runs_as_local_resolved_on_workers(dask_cluster, tm
     assert again["skipped"] == 2 and again["completed"] == again["failed"] == 0
 
 
+def test_studies_of_one_session_share_the_workers_and_their_kernels(dask_cluster, tmp_path):
+    """run_all's session: one connection for every study, so each worker's kernel runs the
+    points of both studies (not a new cluster and new kernels per study), closed at the end."""
+    from distributed import Client
+
+    from bnlib.cluster import _disconnect
+    from bnlib.kernels import shutdown_point_kernel
+
+    def uses(client):  # the grid points each worker's current kernel has run
+        return sum(client.run(lambda: __import__("bnlib.kernels").kernels._KERNEL.get("uses", 0)).values())
+
+    with Client(dask_cluster["address"], timeout=30) as c:
+        c.run(shutdown_point_kernel)  # no kernel left by an earlier test
+    session = {}
+    try:
+        first = run_study(tiny_study("first"), "smoke", tmp_path, scheduler=dask_cluster["address"], progress=False,
+                          analyze=False, session=session)
+        conn = session["conn"]
+        second = run_study(tiny_study("second", base={"seed": 1}), "smoke", tmp_path,
+                           scheduler=dask_cluster["address"], progress=False, analyze=False, session=session)
+        assert first["completed"] == second["completed"] == 2
+        assert session["conn"] is conn
+        assert uses(conn["client"]) == 4  # without the session, each study's end stops the kernels: 2
+    finally:
+        _disconnect(session.get("conn"))
+    with Client(dask_cluster["address"], timeout=30) as c:
+        assert uses(c) == 0
+
+
 def test_worker_killed_mid_run_is_retried_from_its_checkpoint(dask_cluster, tmp_path):
     study = tiny_study("killed", base={"epochs": 4, "synthetic_size": 1500, "n_train": None, "precision": "fp32",
                                        "device": "cpu"}, norm=["bn"])
