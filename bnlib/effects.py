@@ -17,11 +17,12 @@ from scipy import stats as sps
 
 __all__ = ["Effect", "Share", "select_lr", "at_selected_lr", "by_replicate", "paired_effect", "contrast_effect",
            "ratio_interval", "beats_chance", "rank_correlation", "rank_correlation_difference", "ALPHA", "LEVEL",
-           "REPLICATE"]
+           "REPLICATE", "N_BOOT"]
 
 ALPHA = 0.05  # significance level of every test (P2's authors: p <= 0.05)
 LEVEL = 0.95  # confidence level of every interval
 REPLICATE = "seed"  # what is replicated: a seed fixes the initial weights and the data order
+N_BOOT = 4000  # bootstrap resamples where a caller gives none (bnlib.calibration lowers it: many tables)
 
 
 @dataclass
@@ -197,7 +198,7 @@ class Share:
 
 
 def ratio_interval(runs: pd.DataFrame, arm_col: str, x, ref, base, metric: str, pair_on: list[str],
-                   n_boot: int = 4000, seed: int = 0, replicate: str = REPLICATE) -> Share:
+                   n_boot: int | None = None, seed: int = 0, replicate: str = REPLICATE) -> Share:
     """Share of the reference arm's gain that arm x recovers: mean(x − base)/mean(ref − base)
     over replicates (by_replicate), with a percentile bootstrap interval resampling replicates
     (within strata, where cells have seeds of their own). Undefined, and said so, when the
@@ -212,7 +213,7 @@ def ratio_interval(runs: pd.DataFrame, arm_col: str, x, ref, base, metric: str, 
     if gr.mean() <= 0:
         return Share(math.nan, math.nan, math.nan, f"{ref}'s gain over {base} is not positive")
     point = float(gx.mean() / gr.mean())
-    rng = np.random.default_rng(seed)
+    rng, n_boot = np.random.default_rng(seed), N_BOOT if n_boot is None else int(n_boot)
     labels = np.zeros(len(gx), int) if strata is None else pd.factorize(strata)[0]
     idx = np.concatenate([rng.choice(np.flatnonzero(labels == s), size=(n_boot, int((labels == s).sum())))
                           for s in np.unique(labels)], axis=1)
@@ -244,7 +245,7 @@ def beats_chance(values, chance: float, margin: float = 0.05) -> tuple[bool, str
 # rank correlations across arms
 # ----------------------------------------------------------------------------------------------
 
-def _unit_means_boot(table: pd.DataFrame, cols: list[str], unit: str, replicate: str | None, n_boot: int,
+def _unit_means_boot(table: pd.DataFrame, cols: list[str], unit: str, replicate: str | None, n_boot: int | None,
                      seed: int) -> tuple[dict, dict, int]:
     """Per column: the mean per unit (U,), and its bootstrap replicates (n_boot, U): units
     resampled with replacement and, in each round, one resample of the replicates shared by all
@@ -255,7 +256,7 @@ def _unit_means_boot(table: pd.DataFrame, cols: list[str], unit: str, replicate:
     units = sorted(set.intersection(*(set(p.dropna(how="all").index) for p in piv.values())))
     reps = sorted(set.union(*(set(p.columns) for p in piv.values())))
     arr = {c: p.reindex(index=units, columns=reps).to_numpy(float) for c, p in piv.items()}
-    rng = np.random.default_rng(seed)
+    rng, n_boot = np.random.default_rng(seed), N_BOOT if n_boot is None else int(n_boot)
     ui = rng.integers(0, len(units), size=(n_boot, len(units)))
     ri = rng.integers(0, len(reps), size=(n_boot, len(reps)))
     point, boots = {}, {}
@@ -301,7 +302,7 @@ def _ranked_unit(unit: str, replicate: str | None) -> str:
 
 
 def rank_correlation(table: pd.DataFrame, x: str, y: str, unit: str, replicate: str | None = None,
-                     alternative: str = "two-sided", n_boot: int = 4000, seed: int = 0,
+                     alternative: str = "two-sided", n_boot: int | None = None, seed: int = 0,
                      level: float = LEVEL) -> Effect:
     """Spearman's ρ between x and y across units (e.g. arms), each unit's value the mean over
     its replicates (seeds), with a percentile bootstrap interval over units and replicates
@@ -316,7 +317,7 @@ def rank_correlation(table: pd.DataFrame, x: str, y: str, unit: str, replicate: 
 
 def rank_correlation_difference(table: pd.DataFrame, a: str, b: str, y: str, unit: str,
                                 replicate: str | None = None, sign_a: float = 1.0, sign_b: float = 1.0,
-                                alternative: str = "greater", n_boot: int = 4000, seed: int = 0,
+                                alternative: str = "greater", n_boot: int | None = None, seed: int = 0,
                                 level: float = LEVEL) -> Effect:
     """Does a track y better than b does? sign_a·ρ(a, y) − sign_b·ρ(b, y) across units, on the
     same bootstrap resamples as rank_correlation (signs: the direction each is expected to go,
