@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 DATASET ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv study test lab bench params readme ladders clean-outputs
+.PHONY: venv study test lab bench gpu-check params readme ladders clean-outputs
 
 venv: $(STAMP)
 
@@ -39,6 +39,12 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py
+
+# on a machine with a CUDA GPU: pytest -m cuda, bench's GPU rows, a P1 quick grid with
+# --runs-per-gpu and a resume after SIGKILL, in 8 minutes; outputs/gpu_check/summary.txt.
+# Without a GPU it says so and runs nothing.
+gpu-check: $(STAMP)
+	PY=$(PY) scripts/gpu_check.sh
 
 # notebooks/run.ipynb's parameters cell, regenerated from bnlib.RunConfig (after adding a parameter)
 params: $(STAMP)

@@ -3,9 +3,10 @@
 anything), or dask-jobqueue's SLURMCluster (`cluster={"kind": "slurm", ...}`: one job per worker,
 one GPU per job), and the mapping of grid points onto it, one papermill kernel per task.
 
-Every point is a task asking for the worker resource GPU=1 wherever the workers offer it (a
-LocalCluster on a machine with a GPU per worker, SLURM jobs, `dask worker --resources GPU=1`), so
-a GPU runs one point at a time. Before the first task, every worker must see the study's
+Every point is a task asking for the worker resource GPU=1/K wherever the workers offer it (a
+LocalCluster on a machine with GPUs, SLURM jobs, `dask worker --resources GPU=1/K`), where K runs
+share a GPU (`runs_per_gpu`, 1 by default: a GPU runs one point at a time; each worker runs one
+point at a time, so K workers share a GPU). Before the first task, every worker must see the study's
 repository and outputs folder (a token file written by the study). A point whose worker dies is
 started again by the scheduler (up to `retries` times, Dask's allowed-failures) and resumes from
 its last checkpoint; the point executor (bnlib.grid's, passed to _map) returns a `failed` result
@@ -22,7 +23,7 @@ from .errors import ConfigError
 from .kernels import ROOT, shutdown_point_kernel
 from .records import atomic_write
 
-__all__ = ["RETRIES", "SCHEDULER_TIMEOUT_S", "SHARED_TOKEN", "slurm_cluster"]
+__all__ = ["RETRIES", "SCHEDULER_TIMEOUT_S", "SHARED_TOKEN", "slurm_cluster", "gpu_resource", "resolve_runs_per_gpu"]
 
 # Dask's scheduler starts a task again when the worker running it dies, up to
 # `distributed.scheduler.allowed-failures` times, then fails it with KilledWorker; a point
@@ -33,27 +34,53 @@ SCHEDULER_TIMEOUT_S = 10  # a scheduler that does not answer within this fails t
 SHARED_TOKEN = ".bnlib-shared-check"
 
 
-def _gpu_slots(workers: int) -> list[str] | None:
-    """The GPU each local Dask worker gets, when there is one for each of several workers: the
-    ids of the visible GPUs, in order (honouring a CUDA_VISIBLE_DEVICES the study runs under).
-    None otherwise: the workers then share what they see (device 'auto' is the first GPU)."""
+def _gpu_slots(workers: int, runs_per_gpu: int = 1) -> list[str] | None:
+    """The GPU each local Dask worker gets, when the visible GPUs hold several workers at no more
+    than `runs_per_gpu` each: the ids of the visible GPUs (honouring a CUDA_VISIBLE_DEVICES the
+    study runs under), spread round-robin, so each GPU gets as few workers as possible. None
+    otherwise: the workers then share what they see (device 'auto' is the first GPU)."""
     import torch
 
     n = torch.cuda.device_count()  # does not create a CUDA context in this process
-    if workers <= 1 or n < workers:
+    if workers <= 1 or n == 0 or n * runs_per_gpu < workers:
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n)]
-    return ids[:workers]
+    used = ids[:min(n, workers)]
+    return [used[i % len(used)] for i in range(workers)]
+
+
+def gpu_resource(runs_per_gpu: int) -> float:
+    """The Dask resource GPU each point asks for, and each of the K workers of a GPU offers."""
+    return 1.0 / runs_per_gpu
+
+
+def resolve_runs_per_gpu(runs_per_gpu: int | None, preset: str, cfgs, local: bool) -> int:
+    """K runs per GPU: as given (checked: a whole number >= 1), else 1 for a paper preset or a
+    cluster (the study process cannot see its GPUs), else on a machine with a GPU as many of the
+    grid's runs as its memory estimate fits on the first GPU (bnlib.memory.choose_runs_per_gpu)."""
+    from .memory import check_runs_per_gpu, choose_runs_per_gpu
+
+    if runs_per_gpu is not None:
+        return check_runs_per_gpu(runs_per_gpu)
+    import torch
+
+    if preset == "paper" or not local or not torch.cuda.is_available():
+        return 1
+    return choose_runs_per_gpu(cfgs, float(torch.cuda.get_device_properties(0).total_memory))
 
 
 def _assign_gpu(gpus: list[str]) -> str:
-    """On a LocalCluster worker: make this worker's GPU the only one its kernels see. Worker
-    names are 0..n-1 and survive a restart by the nanny, so a worker keeps its GPU."""
+    """On a LocalCluster worker: make this worker's GPU the only one its kernels see, and tell
+    its runs how many workers share that GPU (their memory check's share). Worker names are
+    0..n-1 and survive a restart by the nanny, so a worker keeps its GPU."""
     from distributed import get_worker
+
+    from .memory import RUNS_PER_GPU_ENV
 
     gpu = gpus[int(get_worker().name) % len(gpus)]
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # the papermill kernel inherits this environment
+    os.environ[RUNS_PER_GPU_ENV] = str(gpus.count(gpu))
     return gpu
 
 
@@ -100,10 +127,11 @@ def _check_worker(token: str, root: str) -> str | None:
 
 
 def slurm_cluster(partition: str | None = None, walltime: str | None = None, memory: str | None = None,
-                  account: str | None = None, cores: int | None = None, gpus: int = 1, **kw):
-    """dask-jobqueue's SLURMCluster with one worker per job, `gpus` GPUs per job (sbatch
-    --gres=gpu:N; SLURM then sets the job's CUDA_VISIBLE_DEVICES) and the worker resource
-    GPU=N that every grid point asks for. Options left None come from the user's dask-jobqueue
+                  account: str | None = None, cores: int | None = None, gpus: int = 1, runs_per_gpu: int = 1,
+                  **kw):
+    """dask-jobqueue's SLURMCluster with `runs_per_gpu` (K) workers per job, `gpus` GPUs per job
+    (sbatch --gres=gpu:N; SLURM then sets the job's CUDA_VISIBLE_DEVICES) and the worker
+    resource GPU=N/K on each of its K workers; every grid point asks for GPU=1/K. Options left None come from the user's dask-jobqueue
     configuration (jobqueue.slurm in ~/.config/dask/jobqueue.yaml); the GPU directive and
     resource are added to what that configuration sets. Starts no job (scale() does)."""
     import dask
@@ -118,18 +146,19 @@ def slurm_cluster(partition: str | None = None, walltime: str | None = None, mem
     extra_args = list(conf.get("worker-extra-args") or [])
     if gpus:
         directives.append(f"--gres=gpu:{gpus}")
-        extra_args += ["--resources", f"GPU={gpus}"]
+        extra_args += ["--resources", f"GPU={gpus * gpu_resource(runs_per_gpu):g}"]
     opts = {k: v for k, v in dict(queue=partition, walltime=walltime, memory=memory, account=account,
                                   cores=cores).items() if v is not None}
     try:
-        return SLURMCluster(processes=1, job_extra_directives=directives, worker_extra_args=extra_args,
+        return SLURMCluster(processes=runs_per_gpu, job_extra_directives=directives, worker_extra_args=extra_args,
                             **opts, **kw)
     except ValueError as e:  # dask-jobqueue's "You must specify how much cores and memory per job"
         raise ConfigError(f"--cluster slurm: {e}; give --cores and --memory, or set jobqueue.slurm cores/memory "
                           f"in ~/.config/dask/jobqueue.yaml") from None
 
 
-def _connect(workers: int, scheduler: str | None, cluster: dict | None, retries: int, out: Path) -> dict | None:
+def _connect(workers: int, scheduler: str | None, cluster: dict | None, retries: int, out: Path,
+             runs_per_gpu: int = 1) -> dict | None:
     """The Dask client the points run on (None: in this process), checked before anything is
     written: an unreachable scheduler, or workers that cannot see the repository and the
     outputs folder, stop the study here with an error naming the option and the address."""
@@ -139,8 +168,9 @@ def _connect(workers: int, scheduler: str | None, cluster: dict | None, retries:
     import dask
     from dask.distributed import Client, LocalCluster
 
+    # runs_per_gpu: K, for _execute_point's memory share where workers have no GPU slots (cluster)
     conn = {"client": None, "cluster": None, "threads": None, "gpus": None, "shared": None, "submit": {},
-            "retries": retries}
+            "retries": retries, "runs_per_gpu": runs_per_gpu}
     with dask.config.set({"distributed.scheduler.allowed-failures": retries}):  # read when a scheduler starts
         if scheduler is not None:
             try:
@@ -152,18 +182,21 @@ def _connect(workers: int, scheduler: str | None, cluster: dict | None, retries:
             conn["where"] = f"the Dask scheduler at {scheduler}"
         elif kind == "slurm":
             opts = {k: v for k, v in cluster.items() if k != "kind"}
-            conn["cluster"] = slurm_cluster(**opts)
+            conn["cluster"] = slurm_cluster(**opts, runs_per_gpu=runs_per_gpu)
             conn["cluster"].scale(jobs=workers)
             conn["client"] = Client(conn["cluster"])
-            conn["where"] = f"{workers} SLURM job(s) of one GPU each ({conn['cluster'].scheduler_address})"
+            conn["where"] = (f"{workers} SLURM job(s) of one GPU each" + (f", {runs_per_gpu} runs per GPU"
+                             if runs_per_gpu > 1 else "") + f" ({conn['cluster'].scheduler_address})")
         else:
-            gpus = _gpu_slots(workers)  # else every worker's run would land on the first GPU
+            gpus = _gpu_slots(workers, runs_per_gpu)  # else every worker's run would land on the first GPU
+            share = {"GPU": gpu_resource(runs_per_gpu)}
             conn["cluster"] = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, resources={"GPU": 1} if gpus else None)
+                                           dashboard_address=None, resources=share if gpus else None)
             conn["client"] = Client(conn["cluster"])
             conn["threads"] = max(1, (os.cpu_count() or 1) // workers)
             conn["gpus"] = gpus
-            conn["submit"] = {"resources": {"GPU": 1}} if gpus else {}  # one point per GPU at a time
+            conn["runs_per_gpu"] = None  # each worker's share: how many slots hold its GPU (_assign_gpu)
+            conn["submit"] = {"resources": share} if gpus else {}  # at most K points per GPU at a time
             conn["where"] = f"{workers} local Dask workers" + (f", GPUs {gpus}" if gpus else "")
     if kind != "local" or scheduler is not None:
         try:
@@ -194,7 +227,10 @@ def _check_cluster(conn: dict, out: Path, wait: bool) -> None:
     hosts = Counter(_host(w) for w in info)
     conn["threads"] = dict(hosts)  # _run_threads: each worker's share of its host's CPUs
     if info and all((v.get("resources") or {}).get("GPU") for v in info.values()):
-        conn["submit"] = {"resources": {"GPU": 1}}
+        # ask for 1/K, and never more than the smallest offer (workers started for a K it was not told)
+        ask = min(gpu_resource(conn["runs_per_gpu"]), min(v["resources"]["GPU"] for v in info.values()))
+        conn["submit"] = {"resources": {"GPU": ask}}
+        conn["runs_per_gpu"] = max(1, round(1 / ask))  # the memory share of each run
 
 
 def _disconnect(conn: dict | None) -> None:
@@ -214,7 +250,7 @@ def _disconnect(conn: dict | None) -> None:
 def _map(items: list[dict], conn: dict | None, execute_point, wait: bool = False):
     """Yield (item, result) as they finish: in this process when conn is None, else on its
     Dask cluster (each point a task asking for one GPU where the workers offer them).
-    `execute_point(item, threads, wait, gpus, shared)` runs one point and never raises
+    `execute_point(item, threads, wait, gpus, shared, runs_per_gpu)` runs one point and never raises
     (bnlib.grid's; passed in, so that this module does not import the study runner)."""
     if not items:
         return
@@ -229,7 +265,7 @@ def _map(items: list[dict], conn: dict | None, execute_point, wait: bool = False
 
     client = conn["client"]
     futures = {client.submit(execute_point, it, conn["threads"], wait, conn["gpus"], conn["shared"],
-                             key=f"bnlib-{it['run_id']}-{int(wait)}", pure=False,
+                             conn["runs_per_gpu"], key=f"bnlib-{it['run_id']}-{int(wait)}", pure=False,
                              retries=conn["retries"], **conn["submit"]): it
                for it in items}
     for fut in as_completed(futures):

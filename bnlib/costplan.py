@@ -16,7 +16,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
-from .cluster import slurm_cluster
+from .cluster import resolve_runs_per_gpu, slurm_cluster
 from .data import split_sizes
 from .grid import plan
 from .records import FINISHED
@@ -85,8 +85,9 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def format_plan(name: str, preset: str, items: list[dict], out, devices: list[str]) -> str:
-    """The text `study NAME --plan` prints for one study."""
+def format_plan(name: str, preset: str, items: list[dict], out, devices: list[str], runs_per_gpu: int = 1) -> str:
+    """The text `study NAME --plan` prints for one study; with K = runs_per_gpu > 1, what K runs
+    sharing a GPU can at best make of the GPU estimate (sharing itself is not benched)."""
     cost = grid_cost(items)
     entries = load_throughput(out)
     lines = [f"study {name} [{preset}]: {cost['runs']} runs, {cost['epochs']} epochs, "
@@ -102,6 +103,9 @@ def format_plan(name: str, preset: str, items: list[dict], out, devices: list[st
                          f"scripts/bench.py --study {name}:{preset}` measures {miss})")
             continue
         line = f"  estimated on {dev}: {_duration(est['seconds'])} of training for one worker"
+        if dev == "cuda" and runs_per_gpu > 1:
+            line += (f"; {runs_per_gpu} runs per GPU: between {_duration(est['seconds'] / runs_per_gpu)} and that "
+                     f"per GPU (the gain of sharing is not benched: make gpu-check measures one grid)")
         if miss:
             line += f" + the runs of {miss}: not measured here: run make bench"
         lines.append(line)
@@ -109,20 +113,27 @@ def format_plan(name: str, preset: str, items: list[dict], out, devices: list[st
 
 
 def print_plan(name: str, preset: str = "quick", out="outputs", dataset: str | None = None,
-               cluster: dict | None = None) -> None:
+               cluster: dict | None = None, runs_per_gpu: int | None = None) -> None:
     """`study NAME --plan`: format_plan for the study (every registered study for 'all'), on
     the CPU and, where one is present, on the GPU; with cluster {"kind": "slurm", ...} also the
-    job script dask-jobqueue would submit. Trains nothing, writes nothing, needs no data files."""
+    job script dask-jobqueue would submit. `runs_per_gpu`: K runs per GPU (None: the study's
+    own choice, cluster.resolve_runs_per_gpu). Trains nothing, writes nothing, needs no data files."""
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     names = list(STUDIES) if name == "all" else [name]
     out = Path(out).resolve()
+    local = (cluster or {}).get("kind", "local") == "local"
+    ks = []
     for n in names:
-        print(format_plan(n, preset, plan(get_study(n), preset, out, dataset, check=False), out, devices))
+        items = plan(get_study(n), preset, out, dataset, check=False)
+        ks.append(resolve_runs_per_gpu(runs_per_gpu, preset, [it["cfg"] for it in items], local))
+        print(format_plan(n, preset, items, out, devices, ks[-1]))
+        print(f"  runs per GPU: {ks[-1]}" + ("" if runs_per_gpu is not None else " (--runs-per-gpu: 1 for the paper "
+              "preset and on a cluster, else as many as the memory estimate fits on this machine's GPU)"))
     print(f"(estimates: training time at the img/s that make bench measured on {socket.gethostname()}, "
           f"from {out / THROUGHPUT}; one worker: divide by the workers that run in parallel)")
     if (cluster or {}).get("kind") == "slurm":
         opts = {k: v for k, v in cluster.items() if k != "kind"}
-        with slurm_cluster(**opts) as c:
+        with slurm_cluster(**opts, runs_per_gpu=min(ks)) as c:
             print("\nSLURM job script of each worker (dask-jobqueue):\n" + c.job_script())

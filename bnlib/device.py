@@ -3,9 +3,11 @@ flags (TF32, cuDNN autotuning, determinism) and the facts about them a run recor
 
 Precisions (the `precision` run parameter):
 
-    fp32  IEEE fp32 everywhere. On CUDA, TF32 is switched off for convolutions and matmuls
-          (cuDNN uses TF32 for fp32 convolutions by default on Ampere and later), so an fp32
-          run computes the same arithmetic on a CPU and on a GPU.
+    fp32  IEEE fp32 everywhere. On CUDA, TF32 is switched off for convolutions, RNNs and matmuls
+          (cuDNN uses TF32 for fp32 convolutions by default on Ampere and later), so every
+          product is rounded to fp32, never to TF32's 10-bit mantissa. CPU and GPU agree to fp32
+          rounding (relative error ~1e-6), not bit for bit: their kernels differ (cuDNN's
+          autotuner may pick Winograd or FFT convolutions, and summation orders differ).
     tf32  CUDA only: fp32 tensors, convolutions and matmuls on TF32 tensor cores (10-bit
           mantissa inputs, fp32 accumulation). Asking for it elsewhere is a ConfigError.
     bf16  bf16 autocast: convolutions, matmuls and every norm compute in bf16; parameters,
@@ -14,7 +16,13 @@ Precisions (the `precision` run parameter):
           CPUs with AVX512_BF16 or AMX-BF16), else fp32.
 
 The backend flags are process-wide; `configure_backends` sets every one of them at the start of
-each run, so one run's settings never leak into the next run of the same process.
+each run, so one run's settings never leak into the next run of the same process. The cuBLAS
+workspace (CUBLAS_WORKSPACE_CONFIG) is the exception: cuBLAS reads it once, so it is set when
+this module is imported, before the process's first CUDA use (pin_cublas_workspace).
+
+AUTO_DEVICE_ENV (BNLIB_AUTO_DEVICE=cpu) sets what device 'auto' resolves to in this process and
+the processes it starts (kernels, Dask workers): the test suite pins it so that only tests marked
+`cuda` use a GPU.
 """
 from __future__ import annotations
 
@@ -26,16 +34,37 @@ import subprocess
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["PRECISIONS", "precisions_for", "resolve_device", "resolve_precision", "cpu_has_native_bf16",
            "cuda_has_native_bf16", "configure_backends", "backend_flags", "device_provenance",
-           "CUBLAS_WORKSPACE_CONFIG"]
+           "CUBLAS_WORKSPACE_CONFIG", "AUTO_DEVICE_ENV", "pin_cublas_workspace"]
 
 PRECISIONS = ("auto", "bf16", "tf32", "fp32")
 # device type -> the precisions that mean something there (tf32 is a CUDA tensor-core format)
 _DEVICE_PRECISIONS = {"cuda": PRECISIONS}
 # cuBLAS is deterministic only with a fixed workspace (CUDA docs, "Results reproducibility"); it
-# must be in the environment before the first cuBLAS call of the process.
+# must be in the environment before the first cuBLAS call of the process. 8 x 4 MiB is what
+# cuBLAS uses by default on Hopper, so pinning it for every run costs nothing measurable.
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+AUTO_DEVICE_ENV = "BNLIB_AUTO_DEVICE"
+_AUTO_DEVICE_CHOICES = ("cpu", "cuda", "mps")
+
+
+def pin_cublas_workspace() -> str | None:
+    """Put CUBLAS_WORKSPACE_CONFIG in this process's environment (and so in every kernel and
+    worker it starts) while CUDA is not yet initialized, when it takes effect; a value already
+    set is kept. Returns the value in force, None when none is (or CUDA started without it:
+    setting it then would only make the environment and the provenance lie)."""
+    if (v := os.environ.get("CUBLAS_WORKSPACE_CONFIG")) is not None:
+        return v
+    if torch.cuda.is_initialized():
+        return None
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
+    return CUBLAS_WORKSPACE_CONFIG
+
+
+pin_cublas_workspace()  # at import: a run's process imports bnlib before its first CUDA use
 
 
 def precisions_for(device_type: str) -> tuple[str, ...]:
@@ -64,6 +93,10 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
 def check_device(device: str) -> str | None:
     """An error line when `device` is not a torch device this machine has, else None."""
     if device == "auto":
+        try:
+            _auto_device()
+        except ConfigError as e:
+            return str(e)
         return None
     try:
         d = torch.device(device)
@@ -82,8 +115,21 @@ def check_device(device: str) -> str | None:
     return None
 
 
+def _auto_device() -> str | None:
+    """BNLIB_AUTO_DEVICE's device type, None when unset; a bad value is a ConfigError."""
+    v = os.environ.get(AUTO_DEVICE_ENV)
+    if v is None or v == "":
+        return None
+    if v not in _AUTO_DEVICE_CHOICES:
+        raise ConfigError(f"{AUTO_DEVICE_ENV}={v!r}: what device='auto' resolves to; valid choices: "
+                          f"{list(_AUTO_DEVICE_CHOICES)}, or unset")
+    return v
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
+        if (pinned := _auto_device()) is not None:  # the test suite's CPU pin (module docstring)
+            return torch.device(pinned)
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -115,13 +161,18 @@ def _new_tf32_api() -> bool:
 
 
 def _set_tf32(on: bool) -> None:
+    """Every TF32 switch to one value, so every getter agrees. The legacy booleans first, then
+    the new per-operator fp32_precision of cuDNN conv and RNN and of cuBLAS matmul: with conv set
+    and RNN left at its default, or matmul's fp32_precision set beside the legacy boolean, torch
+    raises on reading torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 or
+    torch.get_float32_matmul_precision() ("mix of the legacy and new APIs")."""
+    torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cuda.matmul.allow_tf32 = on
     if _new_tf32_api():
         mode = "tf32" if on else "ieee"
         torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cudnn.rnn.fp32_precision = mode
         torch.backends.cuda.matmul.fp32_precision = mode
-    else:
-        torch.backends.cudnn.allow_tf32 = on
-        torch.backends.cuda.matmul.allow_tf32 = on
 
 
 def _tf32_flags() -> dict:
@@ -154,8 +205,9 @@ def configure_backends(cfg: dict) -> dict:
     - cuDNN autotuning (benchmark) on CUDA: batch shapes are fixed (drop_last), so the search
       runs once per shape and the fastest kernels are used from then on. Off when deterministic:
       the kernel it picks may differ from run to run.
-    - deterministic: cuDNN deterministic kernels, torch.use_deterministic_algorithms, and the
-      fixed cuBLAS workspace. warn_only: an op without a deterministic implementation warns
+    - deterministic: cuDNN deterministic kernels and torch.use_deterministic_algorithms; the
+      fixed cuBLAS workspace is pinned at import (pin_cublas_workspace), since cuBLAS reads it
+      once per process, before this run may start. warn_only: an op without a deterministic implementation warns
       (naming itself) instead of failing the run; e.g. adaptive_avg_pool2d's CUDA backward is
       flagged although with the 1x1 output of the ResNet head each input gets one gradient term.
     """
@@ -165,7 +217,7 @@ def configure_backends(cfg: dict) -> dict:
     torch.backends.cudnn.benchmark = dev.type == "cuda" and not det
     torch.backends.cudnn.deterministic = det
     if det and dev.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+        pin_cublas_workspace()  # in effect only if CUDA has not started; torch warns on cuBLAS ops otherwise
     torch.use_deterministic_algorithms(det, warn_only=True)
     return backend_flags()
 

@@ -125,21 +125,28 @@ def execute_notebook(src: Path, dst: Path, parameters: dict, cwd: Path = ROOT, k
 # clean globals; the kernel is replaced after any point that did not finish (a failed run may
 # hold memory through its traceback, a killed kernel is gone) and every KERNEL_REUSE points.
 KERNEL_REUSE = 40
-_KERNEL: dict = {}  # {"km": KernelManager, "uses": int, "env": (OMP_NUM_THREADS, CUDA_VISIBLE_DEVICES)}
+_KERNEL: dict = {}  # {"km": KernelManager, "uses": int, "env": the values of KERNEL_ENV it started with}
+# what a point's kernel must inherit from its worker: threads, its GPU, how many runs share that
+# GPU (the memory check's share) and the test suite's pin of device 'auto'
+KERNEL_ENV = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "BNLIB_RUNS_PER_GPU", "BNLIB_AUTO_DEVICE")
 
 
 def _point_kernel():
     """This process's kernel for grid points, started on first use and restarted when it died,
-    was used KERNEL_REUSE times, or the thread/GPU environment it must inherit changed."""
+    was used KERNEL_REUSE times, or the environment it must inherit (KERNEL_ENV) changed."""
     from jupyter_core.utils import run_sync
 
-    env = (os.environ.get("OMP_NUM_THREADS"), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    from .device import CUBLAS_WORKSPACE_CONFIG
+
+    env = tuple(os.environ.get(v) for v in KERNEL_ENV)
     k = _KERNEL
     if k and (k["uses"] >= KERNEL_REUSE or k["env"] != env or not run_sync(k["km"].is_alive)()):
         shutdown_point_kernel()
     if not k:
         km = _kernel_manager_class()(kernel_name="python3")
-        run_sync(km.start_kernel)(cwd=str(ROOT))
+        # cuBLAS reads its workspace setting once, at the kernel's first CUDA use: set it at the start
+        run_sync(km.start_kernel)(cwd=str(ROOT), env={"CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE_CONFIG,
+                                                      **os.environ})
         k.update(km=km, uses=0, env=env)
     k["uses"] += 1
     return k["km"]

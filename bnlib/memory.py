@@ -4,6 +4,11 @@ refuses a run that cannot fit (issue 15) instead of crashing in its first step.
 Two estimates: a cheap bound from the architecture's table alone (decides that a run surely
 fits, in microseconds, also for a 1000-layer net) and, only when the bound does not settle it,
 a count on PyTorch's meta device (shapes only) of the network's parameters and activations.
+
+On a GPU a run's limit is its share of the GPU's memory, less what every run process holds beside
+its tensors (its CUDA context, cuDNN's and cuBLAS's workspaces: GPU_RESERVE_BYTES). K runs share
+a GPU when a study is given `--runs-per-gpu K` (RUNS_PER_GPU_ENV, set for the run by its Dask
+worker); choose_runs_per_gpu picks K for a grid from these estimates.
 """
 from __future__ import annotations
 
@@ -15,9 +20,19 @@ import torch
 
 from .data import data_shape
 from .device import resolve_device
+from .errors import ConfigError
 from .models import arch_spec, meta_model
 
-__all__ = ["estimate_memory", "memory_bound", "memory_limit", "model_size"]
+__all__ = ["estimate_memory", "memory_bound", "memory_limit", "model_size", "RUNS_PER_GPU_ENV", "GPU_RESERVE_BYTES",
+           "MAX_RUNS_PER_GPU", "check_runs_per_gpu", "runs_per_gpu", "gpu_share", "choose_runs_per_gpu"]
+
+RUNS_PER_GPU_ENV = "BNLIB_RUNS_PER_GPU"
+# per run process on a GPU, beside its tensors: the CUDA context with cuDNN and cuBLAS loaded
+# (0.5-1 GiB, by GPU and library version) and their workspaces (cuDNN's autotuner tries
+# algorithms with workspaces of up to a few hundred MiB; cuBLAS's is 32 MiB)
+GPU_RESERVE_BYTES = 1.5 * 2**30
+# more runs than this on one GPU buy nothing: each run also needs a CPU core to feed it
+MAX_RUNS_PER_GPU = 8
 
 
 @functools.lru_cache(maxsize=64)
@@ -50,11 +65,52 @@ def model_size(cfg: dict) -> tuple[int, int] | None:
     return _model_size(cfg["arch"], cfg["stem"], cfg["shortcut"])
 
 
+def check_runs_per_gpu(k, name: str = "--runs-per-gpu") -> int:
+    """k as the number of runs sharing one GPU; a ConfigError naming `name` unless a whole number >= 1."""
+    try:
+        ok = not isinstance(k, bool) and int(k) == float(k) and int(k) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{name}={k!r}: the number of runs that share one GPU; valid choices: a whole number "
+                          f">= 1 (1: a GPU per run)")
+    return int(k)
+
+
+def runs_per_gpu() -> int:
+    """How many runs share this run's GPU: RUNS_PER_GPU_ENV, set by the study's worker (1 when unset)."""
+    v = os.environ.get(RUNS_PER_GPU_ENV)
+    return 1 if v in (None, "") else check_runs_per_gpu(v, RUNS_PER_GPU_ENV)
+
+
+def gpu_share(total: float, k: int = 1) -> float:
+    """Bytes one of k runs on a GPU of `total` bytes may allocate: its 1/k, less GPU_RESERVE_BYTES."""
+    return total / k - GPU_RESERVE_BYTES
+
+
+def choose_runs_per_gpu(cfgs, total: float, cap: int = MAX_RUNS_PER_GPU) -> int:
+    """The most runs of these configs that fit on one GPU of `total` bytes at once (the largest
+    run's estimate, plus GPU_RESERVE_BYTES each), between 1 and `cap`."""
+    seen, need = set(), 0.0
+    for cfg in cfgs:
+        key = repr(tuple(cfg.get(k) for k in ("arch", "stem", "shortcut", "width", "batch_size", "dataset",
+                                         "synthetic_size", "n_train", "n_test", "checkpoint_blocks", "probes",
+                                         "probe_batch_size")))
+        if key not in seen:
+            seen.add(key)
+            need = max(need, sum(estimate_memory(cfg).values()))
+    return max(1, min(int(cap), int(total // (need + GPU_RESERVE_BYTES))))
+
+
 def memory_limit(device: str) -> tuple[float, str]:
-    """Bytes of memory a run can have at most: the GPU's total memory, else the host's RAM."""
+    """Bytes of memory a run can have at most: its share of the GPU (gpu_share, with
+    runs_per_gpu()), else the host's RAM."""
     d = resolve_device(device)
     if d.type == "cuda" and torch.cuda.is_available():
-        return float(torch.cuda.get_device_properties(d.index or 0).total_memory), f"the GPU ({d})"
+        k = runs_per_gpu()
+        share = "" if k == 1 else f"a 1/{k} share of "
+        return (gpu_share(float(torch.cuda.get_device_properties(d.index or 0).total_memory), k),
+                f"{share}the GPU ({d}) less {GPU_RESERVE_BYTES / 2**30:.3g} GiB for its CUDA context and workspaces")
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's RAM"
     except (ValueError, OSError, AttributeError):
@@ -73,7 +129,8 @@ def memory_bound(cfg: dict) -> float:
     pixels, chans, pool, test = data_shape(cfg)
     params = n_conv * 49.0 * cmax * cmax + (cmax + 1) * 1000
     acts = n_conv * 6.0 * cmax * pixels * cfg["batch_size"]
-    return 16 * params + 4 * acts + 7.0 * (pool + test) * pixels * chans
+    probes = 8 * params + 4 * acts / cfg["batch_size"] * cfg.get("probe_batch_size", 0) if cfg.get("probes") else 0.0
+    return 16 * params + 4 * acts + probes + 7.0 * (pool + test) * pixels * chans
 
 
 def estimate_memory(cfg: dict) -> dict[str, float]:
@@ -92,4 +149,8 @@ def estimate_memory(cfg: dict) -> dict[str, float]:
         out["activations"] = 4 * size[1] * w * cfg["batch_size"] * pixels / 1024
         if cfg.get("checkpoint_blocks"):  # recomputed in the backward: kept per block input only, not counted
             del out["activations"]
+        if cfg.get("probes"):  # a probe's copy of the weights beside the training model (float64 at
+            # most: signal_propagation, which keeps no graph) and the probe batch's activations that
+            # a gradient probe (ics, landscape) keeps for its backward, in fp32
+            out["probes"] = 8 * size[0] * max(w, w * w) + 4 * size[1] * w * cfg.get("probe_batch_size", 0) * pixels / 1024
     return out

@@ -11,6 +11,8 @@ from .registry import ProbeContext, register_probe
 
 __all__ = ["signal_propagation"]
 
+_ABSENT = object()
+
 
 @register_probe("signal_propagation", doc=(
         "P5 Fig. 2: per residual block (depth = block index in model.blocks(), layer = its name), on the fixed "
@@ -47,18 +49,27 @@ def signal_propagation(ctx: ProbeContext) -> list[dict]:
                 record(j, b, *parts(inp[0]))
         return hook
 
-    handles = []
-    for j, b in enumerate(blocks):
-        parts = getattr(b, "parts", None)  # bnlib.models: every residual block has it
-        if parts is None:
-            continue
-        b.parts = through_parts(j, b, parts)
-        handles.append(b.register_forward_hook(fallback(j, parts)))
+    handles, wrapped = [], []
     try:
+        for j, b in enumerate(blocks):
+            parts = getattr(b, "parts", None)  # bnlib.models: every residual block has it
+            if parts is None:
+                continue
+            # an instance attribute over the class's method; the closure refers to the block, a
+            # cycle that would keep the float64 copy alive until a full GC: undone below
+            own = b.__dict__.get("parts", _ABSENT)
+            b.parts = through_parts(j, b, parts)
+            wrapped.append((b, own))
+            handles.append(b.register_forward_hook(fallback(j, parts)))
         model(ctx.probe_batch[0].to(torch.float64))
     finally:
         for h in handles:
             h.remove()
+        for b, own in wrapped:
+            if own is _ABSENT:
+                del b.parts
+            else:
+                b.parts = own
     if not seen:
         return []
     ms = torch.stack([seen[j][0] for j in sorted(seen)]).tolist()  # one read-back for every block
