@@ -12,7 +12,8 @@ from dataclasses import fields
 
 import yaml
 
-from .config import RunConfig
+import bnlib.config as _config  # the module: RunConfig is rebuilt when plugins add parameters
+from .arms import use_arms
 from .costplan import print_plan
 from .errors import ConfigError, RunLocked
 from .grid import run_all, run_study
@@ -67,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="one training run (same parameters as notebooks/run.ipynb)", allow_abbrev=False)
-    defaults = RunConfig()
-    for f in fields(RunConfig):
+    defaults = _config.RunConfig()  # the current one: with the parameters of the plugins loaded (_preload_plugins)
+    for f in fields(_config.RunConfig):
         # a path is taken as typed: `--out_dir 2026` is the folder "2026", not a number
         r.add_argument(f"--{f.name}", type=str if f.metadata.get("path") else _yaml_value, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "no files)")
     s.add_argument("--workers", type=int, default=1, help="parallel runs (Dask local cluster when > 1)")
     s.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (a cluster)")
+    s.add_argument("--runs-per-gpu", dest="runs_per_gpu", type=int, default=None, metavar="K",
+                   help="K runs share one GPU (K workers per GPU; SLURM: K workers per job); default 1 for the "
+                        "paper preset, else on a GPU machine as many as the memory estimate fits (at most 8)")
     s.add_argument("--plan", action="store_true",
                    help="print the grid's runs, epochs, training images, how many are done and an estimated "
                         "duration from this machine's `make bench`; train nothing (with --cluster slurm: also the "
@@ -98,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", default=None, type=int if flag == "cores" else str,
                        help=f"--cluster slurm: {what} (default: your dask-jobqueue config, jobqueue.slurm)")
     s.add_argument("--out", default="outputs", help="outputs folder (runs/, studies/, report/)")
+    s.add_argument("--plugins", default=None, type=_yaml_value,
+                   help="your own norms/probes/studies: module names or .py paths, comma-separated or a YAML list "
+                        "(default: BNLIB_PLUGINS); every run of the study imports them")
+    s.add_argument("--arms", default=None, type=_yaml_value,
+                   help="arms added to the study's own: '+NAME' (BN's ladder), '+NAME@ARM' (ARM's ladder) or "
+                        "'+NAME:LR1,LR2,LR3' (its own ladder); several comma-free entries as a YAML list")
     rp = sub.add_parser("report", help="render the HTML report of an outputs folder")
     rp.add_argument("--out", default="outputs")
     return p
@@ -129,6 +139,9 @@ def _cluster_flags_error(args: dict) -> str | None:
         return f"--retries={args['retries']}: must be >= 0"
     if args["cores"] is not None and args["cores"] < 1:
         return f"--cores={args['cores']}: must be >= 1"
+    if args.get("runs_per_gpu") is not None and args["runs_per_gpu"] < 1:
+        return (f"--runs-per-gpu={args['runs_per_gpu']}: the number of runs that share one GPU; valid choices: a "
+                f"whole number >= 1")
     if args["scheduler"] is not None and args["cluster"] != "local":
         return (f"--scheduler {args['scheduler']!r} with --cluster {args['cluster']}: give one of them (--scheduler "
                 f"joins a running Dask cluster, --cluster slurm starts one)")
@@ -179,7 +192,22 @@ def main(argv=None) -> int:
         return 1
 
 
+def _preload_plugins(argv: list[str]) -> None:
+    """Import the plugins a command names (--plugins, else BNLIB_PLUGINS) before its parser is
+    built: their norms, probes, studies and parameters are then flags and names like bnlib's."""
+    vals = [a.split("=", 1)[1] for a in argv if a.startswith("--plugins=")]
+    vals += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugins"]
+    _config.load_plugins([p for v in vals for p in _plugin_list(_yaml_value(v))] if vals else None)
+
+
+def _plugin_list(v) -> list[str]:
+    from .plugins import parse
+
+    return parse(v) if isinstance(v, str) or v is None else [str(x) for x in v]
+
+
 def _main(argv) -> int:
+    _preload_plugins(argv)
     ns, extra = build_parser().parse_known_args(argv)
     args = vars(ns)
     cmd = args.pop("cmd")
@@ -208,18 +236,28 @@ def _main(argv) -> int:
             print(f"error: {bad}", file=sys.stderr)
             return 2
         cluster = {"kind": args["cluster"], **{k: args[k] for k in SLURM_FLAGS if args[k] is not None}}
+        plugins = None if args["plugins"] is None else _plugin_list(args["plugins"])
+        arms = None if args["arms"] is None else _plugin_list(args["arms"])
+        if arms and args["name"] == "all":
+            print(f"error: --arms {args['arms']!r}: adds arms to one study; name it (e.g. study p1 --arms ...)",
+                  file=sys.stderr)
+            return 2
         retries = {} if args["retries"] is None else {"retries": args["retries"]}
         try:
+            if arms:  # this process's registry: --plan and the runner see the study with its arms
+                use_arms(args["name"], arms)
             if args["plan"]:
-                print_plan(args["name"], args["preset"], args["out"], args["dataset"], cluster)
+                print_plan(args["name"], args["preset"], args["out"], args["dataset"], cluster,
+                           runs_per_gpu=args["runs_per_gpu"])
                 return 0
             if args["name"] == "all":
                 res = run_all(args["preset"], args["out"], args["workers"], args["scheduler"], dataset=args["dataset"],
-                              cluster=cluster, **retries)
+                              cluster=cluster, runs_per_gpu=args["runs_per_gpu"], plugins=plugins, **retries)
                 failed = sum(c["failed"] for c in res.values())
             else:
                 failed = run_study(args["name"], args["preset"], args["out"], args["workers"], args["scheduler"],
-                                   dataset=args["dataset"], cluster=cluster, **retries)["failed"]
+                                   dataset=args["dataset"], cluster=cluster, runs_per_gpu=args["runs_per_gpu"],
+                                   plugins=plugins, **retries)["failed"]
         except ValueError as e:  # ConfigError included: bad study, preset or grid point
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -25,9 +25,10 @@ from .memory import estimate_memory, memory_bound, memory_limit
 from .models import CONV_INITS, FC_INITS, INPUT_NORMS, SHORTCUTS, meta_model, model_problems, parse_arch
 from .norms import NORMS, norm_names
 from .params import FP32_MAX, SEED_MAX, Param, check_value, plain
+import bnlib.plugins as _plugins  # the module, not names: load_plugins rebinds nothing there
 from .probes import check_probe_params, probe_params
 
-__all__ = ["RunConfig", "ConfigError", "validate", "resolve_device", "resolve_precision", "cpu_has_native_bf16",
+__all__ = ["RunConfig", "ConfigError", "validate", "load_plugins", "refresh_run_config", "resolve_device", "resolve_precision", "cpu_has_native_bf16",
            "IDENTITY_EXCLUDED", "param_help", "params_table", "parameters_cell", "DATASET_NAMES", "TRAIN_POOL",
            "FP32_MAX", "SEED_MAX", "OPTIMIZERS", "SCHEDULES", "PRECISIONS"]
 
@@ -142,6 +143,9 @@ OWN = {
         "eval_batch_size": Param(1000, "batch size for validation/test evaluation", lo=1),
         "out_dir": Param("outputs/runs", "where run directories are written", path=True),
         "progress": Param(True, "show a progress bar"),
+        "plugins": Param([], "your own norms, probes and studies: importable module names or paths to .py files, "
+                           "imported before anything is checked (bnlib.plugins; default: the environment variable "
+                           "BNLIB_PLUGINS); a run records each one's file and sha256", items="str"),
     },
 }
 
@@ -174,7 +178,28 @@ def _make_run_config():
 RunConfig = _make_run_config()
 
 # Parameters that do not change what a run computes: left out of its identity (run id).
-IDENTITY_EXCLUDED = ("out_dir", "progress", "data_dir", "download")
+# `plugins` names where code comes from; the code a run uses enters its id as a content hash
+# instead (bnlib.records.run_id), so a path moved or given relative changes nothing.
+IDENTITY_EXCLUDED = ("out_dir", "progress", "data_dir", "download", "plugins")
+
+
+def refresh_run_config() -> None:
+    """Rebuild RunConfig after plugins registered entries with parameters of their own (a norm's
+    options, a probe's parameters): validate, --help and the parameters cell then know them."""
+    global RunConfig
+    if [f.name for f in fields(RunConfig)] != [k for _, k, _ in params_table()]:
+        RunConfig = _make_run_config()
+
+
+def load_plugins(value=None) -> list[dict]:
+    """Import the plugins named by `value` (None: the environment's BNLIB_PLUGINS) and rebuild
+    RunConfig from the registries; ConfigError names `plugins` when one cannot be imported."""
+    src = _plugins.load(_plugins.from_env() if value is None else value)
+    try:
+        refresh_run_config()
+    except ValueError as e:  # a plugin's parameter declared twice
+        raise ConfigError(f"invalid run parameters:\n  - plugins={value!r}: {e}") from None
+    return src
 
 
 def param_help() -> dict[str, str]:
@@ -296,6 +321,20 @@ def validate(params: dict[str, Any] | None = None, **kw) -> dict[str, Any]:
         raise ConfigError(f"invalid run parameters: params={params!r} ({type(params).__name__}): must be a dict "
                           f"of parameter names to values, e.g. bnlib.run({{'lr': 0.1}}) or bnlib.run(lr=0.1)")
     params = {k: plain(v) for k, v in {**(params or {}), **kw}.items()}
+    # plugins first: their norms, probes and parameters are then known to every check below
+    plugin_list = params.get("plugins", [])
+    if isinstance(plugin_list, (list, tuple)) and not plugin_list:  # none given (run.ipynb's []): the environment's
+        plugin_list = _plugins.from_env()
+    if isinstance(plugin_list, str):  # one plugin, or the CLI's / environment's comma-separated form
+        plugin_list = _plugins.parse(plugin_list)
+    if isinstance(plugin_list, (list, tuple)) and all(isinstance(p, str) for p in plugin_list):
+        plugin_list = [_plugins.resolve(p) for p in plugin_list]
+        try:
+            load_plugins(plugin_list)
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith("invalid run parameters")
+                              else f"invalid run parameters:\n  - {e}") from None
+        params["plugins"] = plugin_list
     known = {f.name: f for f in fields(RunConfig)}
     errors = [f"unknown parameter {k!r}; valid parameters: {sorted(known)}" for k in params if k not in known]
     cfg = {**RunConfig().__dict__, **{k: v for k, v in params.items() if k in known}}

@@ -31,14 +31,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .config import validate
+from .config import load_plugins, validate
 from .data import check_data
 from .errors import ConfigError
 from .records import FINISHED, RunDir, atomic_write, check_writable, load_study, run_id
 from .studies import STUDIES, Study, get_study
 from .kernels import (NOTEBOOKS, ROOT, _point_kernel, execute_notebook, execute_shared_notebook,
                       shutdown_point_kernel)
-from .cluster import RETRIES, _assign_gpu, _connect, _disconnect, _map, _not_shared, _run_threads, slurm_cluster
+from .cluster import (RETRIES, _assign_gpu, _connect, _disconnect, _map, _not_shared, _run_threads,
+                      resolve_runs_per_gpu, slurm_cluster)
+from .memory import RUNS_PER_GPU_ENV
+from .arms import prepare
+from .plugins import check_importable, loaded as loaded_plugins
 from .report import build_report
 
 # re-exported, importable from here as before: load_study (bnlib.records), execute_notebook,
@@ -47,14 +51,18 @@ __all__ = ["run_study", "run_all", "plan", "load_study", "execute_notebook", "ex
            "NOTEBOOKS", "slurm_cluster", "RETRIES"]
 
 
-def plan(study: Study, preset: str, out: Path, dataset: str | None = None, check: bool = True) -> list[dict]:
+def plan(study: Study, preset: str, out: Path, dataset: str | None = None, check: bool = True,
+         plugins: list[str] | None = None) -> list[dict]:
     """Check every point before anything runs (parameters, data sets, the outputs folder);
     return [{params, run_id, status, epochs, auto, cfg}]. `dataset` overrides the preset's
     data set. Raises ConfigError listing every problem. `check=False` checks the parameters
-    only, not the data sets or the outputs folder (`study --plan` on a machine without the data)."""
+    only, not the data sets or the outputs folder (`study --plan` on a machine without the data).
+    `plugins`: every point carries them (bnlib.arms.prepare), so its kernel or worker imports them."""
     runs_dir = Path(out) / "runs"
     items, errors, data_specs = [], [], {}
     for i, point in enumerate(study.points(preset, dataset)):
+        if plugins and "plugins" not in point:
+            point = {**point, "plugins": list(plugins)}
         try:
             cfg = validate({**point, "out_dir": str(runs_dir)})
         except ConfigError as e:
@@ -100,7 +108,7 @@ RUN_LOCK_GRACE_S = 20.0  # _execute_point: how long a waiting study gives a held
 
 
 def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str] | None = None,
-                   shared: str | None = None) -> dict:
+                   shared: str | None = None, runs_per_gpu: int | None = None) -> dict:
     """Run one grid point through run.ipynb; never raises (a failure is a recorded result, so
     Dask's retries, meant for a worker that died, never re-run a deterministic failure).
 
@@ -111,7 +119,8 @@ def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str]
     live process is "locked" (with `wait`, block until it is free). `threads`: cluster._run_threads.
     `gpus`: on a LocalCluster worker, one GPU per worker (cluster._gpu_slots). `shared`: a file the
     study process wrote into the outputs folder, which this worker must see (a shared file
-    system)."""
+    system). `runs_per_gpu`: how many runs share this worker's GPU, for the run's memory check
+    (RUNS_PER_GPU_ENV; with `gpus`, _assign_gpu counts them; None: the environment as it is)."""
     from filelock import Timeout
 
     if (n := _run_threads(threads)) is not None:  # the kernel inherits this environment
@@ -120,6 +129,8 @@ def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str]
     # pre-spawn-environ). A kernel that inherits it has glibc's dynamic mmap threshold off, so
     # every large tensor is mmapped and page-faulted afresh: training measured 2.7x slower.
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    if runs_per_gpu is not None:
+        os.environ[RUNS_PER_GPU_ENV] = str(runs_per_gpu)
     if gpus:
         _assign_gpu(gpus)  # before the device is resolved: the run sees only its own GPU
     res = {"run_id": item["run_id"], "planned_id": item["run_id"], "seconds": 0.0}
@@ -177,7 +188,7 @@ def _execute_point(item: dict, threads=None, wait: bool = False, gpus: list[str]
 def run_study(study: Study | str, preset: str = "quick", out="outputs", workers: int = 1,
               scheduler: str | None = None, analyze: bool = True, progress: bool = True,
               dataset: str | None = None, cluster: dict | None = None, retries: int = RETRIES,
-              session: dict | None = None) -> Counter:
+              session: dict | None = None, runs_per_gpu: int | None = None, plugins=None, arms=None) -> Counter:
     """Run (or resume) every point of `study` at `preset` (on `dataset` instead of the preset's
     when given), then its analysis notebook. Returns the counts of completed / diverged /
     failed / skipped runs. `scheduler`: a running Dask scheduler's address; `cluster`:
@@ -185,11 +196,15 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     local processes (1: in this process). `retries`: how often a point whose worker died is
     started again (from its checkpoint) before it counts as failed. `session`: a dict that
     holds the Dask connection across studies (run_all's: one cluster, whose workers keep their
-    kernels, for every study; the caller disconnects it); None: connected for this study alone."""
-    study = get_study(study) if isinstance(study, str) else study
+    kernels, for every study; the caller disconnects it); None: connected for this study alone.
+    `runs_per_gpu`: K runs share one GPU (None: cluster.resolve_runs_per_gpu's choice)."""
+    # `plugins`: imported here and by every point's kernel or worker (None: BNLIB_PLUGINS); `arms`:
+    # arms added to the study's own, e.g. ["+my_norm", "+other@bn", "+third:0.01,0.1"] (bnlib.arms)
+    study, plugin_list = prepare(study, plugins, arms)
     out = Path(out).resolve()
-    items = plan(study, preset, out, dataset)
+    items = plan(study, preset, out, dataset, plugins=plugin_list)
     remote = scheduler is not None or (cluster or {}).get("kind", "local") != "local"
+    k = resolve_runs_per_gpu(runs_per_gpu, preset, [it["cfg"] for it in items], local=not remote)
     # Where the study process cannot know a run's id (device or precision 'auto', resolved by
     # the worker), only the worker can say whether it is done: such points go to the cluster,
     # which answers "skipped" for a finished one without starting a kernel.
@@ -197,7 +212,8 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     counts = Counter(skipped=len(items) - len(todo))
     conn = (session or {}).get("conn")
     if conn is None and todo:
-        conn = _connect(workers, scheduler, cluster, retries, out)  # fails before the manifest
+        conn = _connect(workers, scheduler, cluster, retries, out, k)  # fails before the manifest
+        _check_plugins(conn, plugin_list)
         if session is not None:
             session["conn"] = conn
     try:
@@ -237,14 +253,37 @@ def run_study(study: Study | str, preset: str = "quick", out="outputs", workers:
     counts["skipped"] += counts.pop("locked", 0)  # still held by a live process outside any study
     print(f"study {study.name}: " + " / ".join(f"{k} {counts[k]}" for k in ("completed", "diverged", "failed",
                                                                            "skipped")), flush=True)
-    if analyze and study.notebook:
+    # a study of yours without a notebook (a verdict function, or registered by a plugin) gets the
+    # generic one; an unregistered grid with neither (a test's, a bench's) stays without analysis
+    if analyze and (study.notebook or study.verdicts is not None or study.source is not None):
         dst = out / "studies" / study.name / f"{study.name}.ipynb"
+        src, extra = ((NOTEBOOKS / study.notebook, {}) if study.notebook else
+                      (NOTEBOOKS / GENERIC_NOTEBOOK, {"plugins": plugin_list, "preset": preset}))
         try:
-            execute_shared_notebook(NOTEBOOKS / study.notebook, dst, {"out": str(out), "study": study.name})
+            execute_shared_notebook(src, dst, {"out": str(out), "study": study.name, **extra})
         except Exception as e:  # noqa: BLE001 — the runs are kept; the analysis can be rerun
             print(f"study {study.name}: analysis notebook failed ({type(e).__name__}); see {dst}", file=sys.stderr)
             counts["analysis_failed"] += 1
     return counts
+
+
+def _check_plugins(conn: dict | None, plugin_list: list[str]) -> None:
+    """Every worker must import the study's plugins: a worker that cannot is named, before any
+    point runs (the points' own validation would fail each of them one by one)."""
+    if not conn or not plugin_list or conn.get("client") is None:
+        return
+    try:
+        problems = {w: p for w, p in conn["client"].run(check_importable, plugin_list).items() if p}
+    except Exception:
+        _disconnect(conn)
+        raise
+    if problems:
+        _disconnect(conn)
+        raise ConfigError("the Dask workers cannot import the study's plugins:\n  - " + "\n  - ".join(
+            f"{w}: {p}" for w, p in problems.items()))
+
+
+GENERIC_NOTEBOOK = "studies/generic_study.ipynb"  # a study that names no notebook of its own
 
 
 def _write_manifest(study: Study, preset: str, out: Path, items: list[dict], dataset: str | None = None) -> None:
@@ -252,6 +291,9 @@ def _write_manifest(study: Study, preset: str, out: Path, items: list[dict], dat
     d.mkdir(parents=True, exist_ok=True)
     manifest = {"study": study.name, "title": study.title, "preset": preset, "axes": study.axes(preset),
                 "dataset_override": dataset,
+                # arms a user added, and where the study's code came from (None: bnlib's own)
+                "arms": list(study.extra_arms), "study_source": study.source, "study_version": study.version,
+                "plugins": loaded_plugins(),
                 "run_ids": [it["run_id"] for it in items],
                 "points": [{k: v for k, v in it["params"].items() if k != "out_dir"} for it in items]}
     atomic_write(d / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -259,14 +301,20 @@ def _write_manifest(study: Study, preset: str, out: Path, items: list[dict], dat
 
 def run_all(preset: str = "quick", out="outputs", workers: int = 1, scheduler: str | None = None,
             studies: list[str] | None = None, dataset: str | None = None, cluster: dict | None = None,
-            retries: int = RETRIES) -> dict:
+            retries: int = RETRIES, runs_per_gpu: int | None = None, plugins=None) -> dict:
     """Every study, then the summary notebook and the HTML report (the main job, `make study`).
     Every study's points are checked (parameters, data sets) before the first one runs.
-    `scheduler`, `cluster`, `retries`: as run_study."""
+    `scheduler`, `cluster`, `retries`, `runs_per_gpu`: as run_study (one K for the shared cluster:
+    the smallest any study chooses)."""
     out = Path(out).resolve()
+    load_plugins(plugins)  # a plugin's own study is then one of STUDIES
     names = studies or list(STUDIES)
+    plans = {}
     for name in names:  # a missing data set or a bad point stops here, before any run
-        plan(get_study(name), preset, out, dataset)
+        plans[name] = plan(get_study(name), preset, out, dataset)
+    remote = scheduler is not None or (cluster or {}).get("kind", "local") != "local"
+    runs_per_gpu = min(resolve_runs_per_gpu(runs_per_gpu, preset, [it["cfg"] for it in p], local=not remote)
+                       for p in plans.values()) if plans else 1
     results = {}
     # one Dask cluster for every study: starting workers, their kernels and each kernel's first
     # run (imports, the data set's decoding) once, not once per study
@@ -274,7 +322,7 @@ def run_all(preset: str = "quick", out="outputs", workers: int = 1, scheduler: s
     try:
         for name in names:
             results[name] = run_study(name, preset, out, workers, scheduler, dataset=dataset, cluster=cluster,
-                                      retries=retries, session=session)
+                                      retries=retries, session=session, runs_per_gpu=runs_per_gpu, plugins=plugins)
     finally:
         _disconnect(session.get("conn"))
     execute_shared_notebook(NOTEBOOKS / "summary.ipynb", out / "summary.ipynb", {"out": str(out)})

@@ -20,6 +20,7 @@ from torch import nn
 from .bn_variants import BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, NOISE_PER, NoisyBatchNorm2d
 from .ics_free import IcsFreeBatchNorm2d, StaleBatchNorm2d, attach_reference_pass
 from .params import Param
+from .plugins import entry_source, same_definition
 
 __all__ = ["Affine2d", "BatchInitAffine2d", "NormSpec", "NORMS", "ROLES", "register_norm", "get_norm", "norm_names",
            "tag_norm"]
@@ -98,6 +99,11 @@ class NormSpec:
     options: dict = field(default_factory=dict, compare=False)  # name -> Param, passed to build as keywords
     check: Callable[[dict, Callable[[], nn.Module]], list] | None = None
     attach: Callable[[nn.Module], object] | None = None  # attach(network), once, by the model factory
+    # the implementation's version: raise it when the entry computes something else under the
+    # same name, so its runs get new ids (bnlib.records.run_id hashes it when it is not 1)
+    version: int = 1
+    # where it was defined: None for bnlib's own, else a plugin's file and its sha256 (run_id hashes it)
+    source: dict | None = field(default=None, compare=False)
 
     def roles(self) -> dict[str, str]:
         """{attribute name: "scale" | "shift"} of the layer's learnable parameters."""
@@ -113,15 +119,21 @@ ROLES = ("scale", "shift")
 
 
 def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bool, doc: str,
-                  param_roles: dict[str, str] | None = None, options: dict | None = None, check=None, attach=None):
+                  param_roles: dict[str, str] | None = None, options: dict | None = None, check=None, attach=None,
+                  version: int = 1):
+    """Register a norm (see NormSpec); used as a decorator on its build function. Also from a
+    plugin (bnlib.plugins): the entry then records the plugin's file and content hash."""
     def deco(build):
-        if name in NORMS:
-            raise ValueError(f"norm {name!r} is registered twice")
+        source = entry_source(build)
+        if name in NORMS and not same_definition(NORMS[name].source, source):
+            where = (NORMS[name].source or {}).get("path", "bnlib")
+            raise ValueError(f"norm {name!r} is registered twice (first in {where}); choose another name")
         bad = {r for r in (param_roles or {}).values() if r not in ROLES}
         if bad:
             raise ValueError(f"norm {name!r}: param_roles {sorted(bad)} unknown; valid roles: {list(ROLES)}")
         NORMS[name] = NormSpec(name, build, has_gamma, has_beta, batch_stats, doc,
-                               tuple(sorted((param_roles or {}).items())), dict(options or {}), check, attach)
+                               tuple(sorted((param_roles or {}).items())), dict(options or {}), check, attach,
+                               int(version), source)
         return build
 
     return deco
@@ -198,7 +210,8 @@ def _noisy_bn(num_features, gamma0=1.0, eps=1e-5, momentum=0.1, **noise):
                    "reference pass), so it removes every earlier update's shift but not the latest one's, while "
                    "its gradient is BN's (batch renormalization against those statistics, unclipped); one extra "
                    "forward per step",
-               attach=attach_reference_pass)
+               attach=attach_reference_pass,
+               version=2)  # 2: the reference-pass scheme (version 1 under this name was ics_free_stale's)
 def _ics_free(num_features, gamma0=1.0, eps=1e-5, momentum=0.1):
     return _set_gamma(IcsFreeBatchNorm2d(num_features, eps, momentum), gamma0)
 

@@ -32,9 +32,10 @@ from .config import IDENTITY_EXCLUDED
 from .errors import ConfigError, RecordError
 from .version import __version__
 from .norms import NORMS
+from .probes import PROBES, parse_probes
 from .device import machine
 
-__all__ = ["run_id", "provenance", "config_record", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
+__all__ = ["run_id", "code_identity", "provenance", "config_record", "RunDir", "Runs", "load_runs", "atomic_write", "atomic_path",
            "check_writable", "STATUSES", "FINISHED", "RecordError", "record_problem"]
 
 STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
@@ -73,10 +74,33 @@ def run_id(cfg: dict) -> str:
     for one norm does not rerun the others)."""
     own = set(NORMS[cfg["norm"]].options) if cfg.get("norm") in NORMS else set()
     other_norms = {k for spec in NORMS.values() for k in spec.options} - own
-    ident = {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED and k not in other_norms}
+    # a plugin probe's parameters are in every config once it is loaded: hashed only for a run
+    # that requests it (bnlib's own probes' are hashed always, as before: their ids stay)
+    asked = {n for n, _ in parse_probes(cfg.get("probes", []))[0]}
+    plugin_probes = {k for spec in PROBES.values() if spec.source and spec.name not in asked for k in spec.params}
+    plugin_probes -= {k for spec in PROBES.values() if not spec.source or spec.name in asked for k in spec.params}
+    ident = {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED and k not in other_norms | plugin_probes}
     ident["device"] = torch.device(cfg["device"]).type
+    if code := code_identity(cfg):  # absent for bnlib's own entries at version 1: their ids are unchanged
+        ident["code"] = {k: {kk: v[kk] for kk in ("version", "sha256") if kk in v} for k, v in code.items()}
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg['norm']}-{cfg['arch']}-bs{cfg['batch_size']}-lr{cfg['lr']:g}-s{cfg['seed']}-{digest}"
+
+
+def code_identity(cfg: dict) -> dict:
+    """The code behind a run beyond bnlib's own version-1 entries: for its norm and each probe it
+    requests, {"norm:NAME" / "probe:NAME": {version (when not 1), sha256, path, module (a
+    plugin's)}}. run_id hashes versions and content hashes; config.json records it all."""
+    out = {}
+    entries = [("norm", NORMS.get(cfg.get("norm")))]
+    entries += [("probe", PROBES.get(n)) for n, _ in parse_probes(cfg.get("probes", []))[0]]
+    for kind, spec in entries:
+        if spec is None:
+            continue
+        rec = {**({"version": spec.version} if spec.version != 1 else {}), **(spec.source or {})}
+        if rec:
+            out[f"{kind}:{spec.name}"] = rec
+    return out
 
 
 @contextlib.contextmanager
@@ -140,9 +164,12 @@ def git_commit() -> str | None:
 
 def provenance(cfg: dict) -> dict:
     """bnlib's version and commit, the machine (bnlib.device.machine: host, device, library
-    versions, CUDA/cuDNN/driver, GPU and capability, TF32/cuDNN flags in force), the precision."""
+    versions, CUDA/cuDNN/driver, GPU and capability, TF32/cuDNN flags in force), the precision
+    and whether the run asked for deterministic kernels."""
     return {"bnlib_version": __version__, "git_commit": git_commit(), "pandas": pd.__version__,
             **machine(cfg["device"]), "precision": cfg["precision"],
+            "deterministic": bool(cfg.get("deterministic", False)),  # the run's request; the flags it set are beside it
+            "code": code_identity(cfg),  # a plugin's norm/probe: its file and sha256; a version other than 1
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

@@ -287,8 +287,8 @@ def _readme_verdict(v: Verdict) -> str:
 
 
 def readme_table(out, old_block: str = "") -> str:
-    """The markdown table between README_BEGIN and README_END: one row per registered study,
-    its paper and notebook link (from the study registry), what its study tests (the text of
+    """The markdown table between README_BEGIN and README_END: one row per study of bnlib's own
+    (a plugin's study is in the report, not in bnlib's README): its paper and notebook link (from the study registry), what its study tests (the text of
     that study's row in `old_block` where there is one: prose a person wrote, kept; else the
     registry's Study.doc), and each verdict of out/studies/<study>/verdicts.json. Raises
     ConfigError when a study has no verdicts or they cannot be read."""
@@ -300,7 +300,8 @@ def readme_table(out, old_block: str = "") -> str:
         if m:
             tests[m.group(1)] = cells[1]
     found, missing, presets = {}, [], {}
-    for name in sorted(STUDIES):
+    own = sorted(n for n, s in STUDIES.items() if s.source is None)  # the README is bnlib's: plugins' studies go to the report
+    for name in own:
         path = out / "studies" / name / "verdicts.json"
         if not path.exists():
             missing.append(name)
@@ -313,7 +314,7 @@ def readme_table(out, old_block: str = "") -> str:
         presets[name] = str(_manifest(path.parent / "manifest.json").get("preset", ""))
     if not found:
         raise ConfigError(f"out={str(out)!r}: no verdicts (no studies/<study>/verdicts.json for any of "
-                          f"{sorted(STUDIES)}); run `make study` (or python -m bnlib study all --out {out}) first")
+                          f"{own}); run `make study` (or python -m bnlib study all --out {out}) first")
     if missing:
         raise ConfigError(f"out={str(out)!r}: no verdicts for {missing} (have {sorted(found)}); the README's "
                           f"table covers every study: run them (python -m bnlib study all --out {out})")

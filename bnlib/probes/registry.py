@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import conv_layers, meta_model
 from ..params import Param
+from ..plugins import entry_source, same_definition
 from ..rng import preserved
 
 __all__ = ["ProbeContext", "ProbeSpec", "PROBES", "register_probe", "probe_names", "probe_params", "parse_probes",
@@ -64,13 +65,17 @@ class ProbeSpec:
     # a conv index against the net's conv count); `bad`: the parameters that already failed. It
     # runs for every config, whether or not the probe is requested.
     check: Callable[[dict, set], list[str]] | None = None
+    version: int = 1  # raise it when the probe measures something else under the same name (run ids follow)
+    source: dict | None = field(default=None, compare=False)  # None: bnlib's own; else the plugin's file, sha256
 
 
 PROBES: dict[str, ProbeSpec] = {}
 
 
 def register_probe(name: str, *, doc: str, default_every: int | None = None, params: dict[str, Param] | None = None,
-                   check: Callable[[dict, set], list[str]] | None = None):
+                   check: Callable[[dict, set], list[str]] | None = None, version: int = 1):
+    """Register a probe (see ProbeSpec); a decorator on its function. Also from a plugin
+    (bnlib.plugins): the entry then records the plugin's file and content hash."""
     params = dict(params or {})
     for k, p in params.items():
         if not isinstance(p, Param):
@@ -78,15 +83,19 @@ def register_probe(name: str, *, doc: str, default_every: int | None = None, par
                              f"not {type(p).__name__}")
 
     def deco(fn):
-        if name in PROBES:
-            raise ValueError(f"probe {name!r} is registered twice")
-        for other in PROBES.values():  # one parameter, one declaration: RunConfig has one field for it
+        source = entry_source(fn)
+        if name in PROBES and not same_definition(PROBES[name].source, source):
+            where = (PROBES[name].source or {}).get("path", "bnlib")
+            raise ValueError(f"probe {name!r} is registered twice (first in {where}); choose another name")
+        for other in PROBES.values():
+            if other.name == name:
+                continue  # one parameter, one declaration: RunConfig has one field for it
             for k in params.keys() & other.params.keys():
                 if params[k] != other.params[k]:
                     raise ValueError(f"probes {other.name!r} and {name!r} both declare parameter {k!r}, "
                                      f"differently: {other.params[k]!r} vs {params[k]!r}; declare it once and "
                                      f"share the declaration")
-        PROBES[name] = ProbeSpec(name, fn, doc, default_every, params, check)
+        PROBES[name] = ProbeSpec(name, fn, doc, default_every, params, check, int(version), source)
         return fn
 
     return deco

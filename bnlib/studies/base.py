@@ -8,6 +8,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..plugins import entry_source, same_definition
+
 __all__ = ["Preset", "Study", "STUDIES", "register_study", "get_study", "study_names", "cell_seed"]
 
 
@@ -32,19 +34,26 @@ class Preset:
     # replace `grid`'s of the same name; a one-value axis fixes a parameter for that sub-grid
     # only), in order, a point that two sub-grids share counted once.
     subgrids: tuple = ()
+    # each arm's learning-rate ladder as `derive` reads it (the rungs of the axis lr_rung): lets an
+    # arm added with a ladder of its own (bnlib.arms, '+my_norm:0.01,0.03') be scaled as the study's
+    ladders: dict | None = None
 
 
 @dataclass(frozen=True)
 class Study:
     name: str
     title: str
-    notebook: str | None  # analysis notebook, relative to notebooks/ (None: the summary covers it)
+    notebook: str | None  # analysis notebook, relative to notebooks/ (None: studies/generic_study.ipynb when the study has verdicts or comes from a plugin)
     presets: dict[str, Preset]
     derive: Callable[[dict], dict] | None = None  # point -> extra/overriding parameters
     doc: str = ""
     axes_note: dict = field(default_factory=dict)
     # verdicts(runs: bnlib.Runs) -> list[bnlib.stats.Verdict]: the study's claims, decided
     verdicts: Callable | None = None
+    version: int = 1  # raise it when the study's grid or verdicts mean something else under the same name
+    source: dict | None = field(default=None, compare=False)  # None: bnlib's; else the plugin's file, sha256
+    # arms added to the study's own (bnlib.arms.with_arms: "+my_norm"), by name -> its ladder spec
+    extra_arms: tuple = ()
 
     def points(self, preset: str, dataset: str | None = None) -> list[dict]:
         """Every run's parameters, in grid order (first axis slowest). `dataset` replaces the
@@ -76,6 +85,24 @@ STUDIES: dict[str, Study] = {}
 
 
 def register_study(study: Study) -> Study:
+    """Register a study (also from a plugin: it then records the plugin's file and content hash,
+    bnlib.plugins). A name registered twice is an error unless the same file registers it again."""
+    import dataclasses
+    import sys
+
+    src = study.source
+    if src is None:  # the function that defines it, else the module that calls us
+        fn = study.verdicts or study.derive
+        src = entry_source(fn) if fn is not None else None
+        if fn is None:
+            caller = sys._getframe(1).f_globals
+            src = entry_source(type("_", (), {"__module__": caller.get("__name__", "")})) if caller.get("__file__") \
+                else None
+        study = dataclasses.replace(study, source=src)
+    if study.name in STUDIES and STUDIES[study.name].source != study.source \
+            and not same_definition(STUDIES[study.name].source, study.source):
+        where = (STUDIES[study.name].source or {}).get("path", "bnlib")
+        raise ValueError(f"study {study.name!r} is registered twice (first in {where}); choose another name")
     STUDIES[study.name] = study
     return study
 

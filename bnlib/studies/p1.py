@@ -84,11 +84,16 @@ def selected(runs: pd.DataFrame) -> pd.DataFrame:
     return stats.at_selected_lr(fin, ["norm", *CELL])
 
 
+def arms_of(runs: pd.DataFrame) -> list[str]:
+    """P1's arms, then any arm a user added (bnlib.arms: `--arms +my_norm`), in name order."""
+    return [*ARMS, *sorted(set(runs["norm"]) - set(ARMS))] if "norm" in runs else list(ARMS)
+
+
 def recovered(sel: pd.DataFrame) -> pd.DataFrame:
     """For each arm: the share of BN's gain over `none` it recovers, with a bootstrap interval
     over replicates (stats.ratio_interval), and its mean accuracy at its chosen lr."""
     rows = []
-    for arm in ARMS:
+    for arm in arms_of(sel):
         if arm not in set(sel["norm"]):
             continue
         sh = (stats.ratio_interval(sel, "norm", arm, "bn", "none", METRIC, PAIR)
@@ -150,6 +155,8 @@ def verdicts(runs) -> list[stats.Verdict]:
                            "BN-minus keeps > ½ BN gain"),
               "affine": ("The learned shift and scale alone (AffineLayer) keep more than half of BN's gain",
                          "affine keeps > ½ BN gain")}
+    for arm in arms_of(sel)[len(ARMS):]:  # an arm a user added: the same question as of P1's own arms
+        claims[arm] = (f"{arm} (an added arm) keeps more than half of BN's gain", f"{arm} keeps > ½ BN gain")
     for arm, (claim, short) in claims.items():
         if arm not in have:
             continue
@@ -183,13 +190,13 @@ STUDY = register_study(Study(
                       width=0.125, arch="resnet18", epochs=2, crop_pad=0, weight_decay=5e-4, schedule="cosine",
                       log_every=5, eval_batch_size=500, bn_eval_stats="precise", precise_batches=8),
             grid=dict(norm=ARMS, batch_size=[32, 64], lr_rung=[0, 1, 2], replicate=[0, 1, 2]),
-            derive=_lr_from_ladder(LR_LADDERS["quick"])),
+            derive=_lr_from_ladder(LR_LADDERS["quick"]), ladders=LR_LADDERS["quick"]),
         "paper": Preset(
             base=dict(dataset="cifar10", width=1.0, epochs=100, weight_decay=5e-4,
                       momentum=0.9, schedule="cosine", n_train=None, n_test=None),
             grid=dict(norm=ARMS, arch=["resnet18", "resnet34", "resnet50", "resnet101"],
                       batch_size=[16, 32, 64, 128, 256], lr_rung=[0, 1, 2, 3], replicate=[0, 1, 2]),
-            derive=_lr_from_ladder(LR_LADDERS["paper"])),
+            derive=_lr_from_ladder(LR_LADDERS["paper"]), ladders=LR_LADDERS["paper"]),
     },
 ))
 

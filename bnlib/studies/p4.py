@@ -159,6 +159,16 @@ def verdicts(runs) -> list[stats.Verdict]:
     what += f"; without BN even the smallest rate diverged in {never} seed(s), left out" if never else ""
     out.append(stats.decide("p4", "BN's largest stable learning rate exceeds the unnormalized net's", e1,
                             guards=ref, what=what + "; log10 ratio", short="BN's lr* > none's"))
+    for arm in sorted(set(ls["norm"]) - set(ARMS)):  # an arm a user added (bnlib.arms): P4's claim 1 of it
+        ea = stats.paired_effect(ls, "norm", arm, "none", "log10_lr", ["seed"], resolution="log10_resolution")
+        top_a = int(ls.loc[ls["norm"] == arm, "at_top"].sum())
+        lr_a = ls.loc[ls["norm"] == arm, "lr_star"]
+        w = (f"{arm}'s largest stable learning rate is {10 ** ea.mean:.3g}× the unnormalized net's (median over "
+             f"seeds {lr_a.median():.3g}" + (f"; a lower bound: stable at the top of the sweep in {top_a} seed(s)"
+                                              if top_a else "") + ")")
+        out.append(stats.decide("p4", f"{arm} (an added arm): its largest stable learning rate exceeds the "
+                                      f"unnormalized net's", ea, guards=ref, what=w + "; log10 ratio",
+                                short=f"{arm}'s lr* > none's"))
 
     small, large = min(PAPER_LRS), max(PAPER_LRS)
     at = d[d["lr"].isin([small, large])].assign(arm=lambda t: t["norm"] + "@" + t["lr"].map("{:g}".format))
