@@ -50,9 +50,11 @@ gpu-check: $(STAMP)
 params: $(STAMP)
 	$(PY) scripts/sync_params.py
 
-# README.md's verdict table, regenerated from outputs/studies/*/verdicts.json (after make study)
+# README.md's verdict table, regenerated from outputs/studies/*/verdicts.json (after make study),
+# and its calibration table, from bnlib.calibration (about a minute)
 readme: $(STAMP)
 	$(PY) scripts/readme_verdicts.py
+	$(PY) scripts/readme_calibration.py
 
 # the quick presets' learning-rate ladders (bnlib/studies/ladders/*.json), regenerated from
 # validation-only sweeps with seeds disjoint from the studies' (docs/presets.md); LADDERS=p1 for one

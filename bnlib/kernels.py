@@ -12,6 +12,8 @@ import functools
 import os
 from pathlib import Path
 
+from .plots import RUN_FIGURES_ENV
+
 __all__ = ["ROOT", "NOTEBOOKS", "KERNEL_REUSE", "ENGINE", "execute_notebook", "execute_shared_notebook",
            "shutdown_point_kernel"]
 
@@ -128,7 +130,7 @@ KERNEL_REUSE = 40
 _KERNEL: dict = {}  # {"km": KernelManager, "uses": int, "env": the values of KERNEL_ENV it started with}
 # what a point's kernel must inherit from its worker: threads, its GPU, how many runs share that
 # GPU (the memory check's share) and the test suite's pin of device 'auto'
-KERNEL_ENV = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "BNLIB_RUNS_PER_GPU", "BNLIB_AUTO_DEVICE")
+KERNEL_ENV = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "BNLIB_RUNS_PER_GPU", "BNLIB_AUTO_DEVICE", RUN_FIGURES_ENV)
 
 
 def _point_kernel():
@@ -145,8 +147,9 @@ def _point_kernel():
     if not k:
         km = _kernel_manager_class()(kernel_name="python3")
         # cuBLAS reads its workspace setting once, at the kernel's first CUDA use: set it at the start
+        # a grid point's notebook draws no figures of its own unless asked (bnlib.plots.run_figures)
         run_sync(km.start_kernel)(cwd=str(ROOT), env={"CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE_CONFIG,
-                                                      **os.environ})
+                                                      RUN_FIGURES_ENV: "0", **os.environ})
         k.update(km=km, uses=0, env=env)
     k["uses"] += 1
     return k["km"]

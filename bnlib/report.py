@@ -12,9 +12,12 @@ counts; the full sentence is one click away (issue 21, item 6).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import html
 import json
 import math
+import multiprocessing
 import os
 import re
 import textwrap
@@ -30,20 +33,48 @@ from .stats import Verdict, verdict_table
 from .studies import STUDIES
 
 __all__ = ["build_report", "render_notebook", "load_verdicts", "claim_words", "effect_text", "at_budget_text",
-           "compact_table", "readme_table", "readme_verdicts", "README_BEGIN", "README_END"]
+           "compact_table", "readme_table", "readme_verdicts", "rewrite_block", "README_BEGIN", "README_END"]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "report_template"
 
 
-def render_notebook(src: Path, dst: Path, index_href: str) -> None:
-    from nbconvert import HTMLExporter
+@functools.lru_cache(maxsize=1)
+def _exporter():
+    from nbconvert import HTMLExporter  # slow to import: only where a report is rendered
 
-    exporter = HTMLExporter(extra_template_basedirs=[str(TEMPLATE_DIR.parent)], template_name=TEMPLATE_DIR.name)
+    # one exporter per process: building one (templates, filters) cost a third of a run page's time
+    return HTMLExporter(extra_template_basedirs=[str(TEMPLATE_DIR.parent)], template_name=TEMPLATE_DIR.name)
+
+
+def render_notebook(src: Path, dst: Path, index_href: str) -> None:
     nb = nbformat.read(str(src), as_version=4)
-    body, _ = exporter.from_notebook_node(nb, resources={"bnlib_index": index_href,
-                                                         "metadata": {"name": src.stem}})
+    body, _ = _exporter().from_notebook_node(nb, resources={"bnlib_index": index_href,
+                                                            "metadata": {"name": src.stem}})
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(dst, body.encode())
+
+
+def _render_page(job: tuple) -> str | None:
+    """render_notebook for one (src, dst, index_href), unless dst is newer than src (a report
+    rendered again redoes only what changed); the error's text instead of raising."""
+    src, dst, href = job
+    try:
+        if not (dst.exists() and dst.stat().st_mtime > src.stat().st_mtime):
+            render_notebook(src, dst, href)
+    except Exception as e:  # noqa: BLE001 — nbformat/nbconvert raise several kinds
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def render_pages(jobs: list[tuple]) -> list[str | None]:
+    """_render_page over many notebooks (a study's hundreds of run pages) on every core, each
+    worker process with its own exporter; in this process when there are few."""
+    workers = min(len(jobs) // 20, os.cpu_count() or 1, 8)
+    if workers < 2:
+        return [_render_page(j) for j in jobs]
+    ctx = multiprocessing.get_context("spawn")  # not fork: the caller may hold threads (Dask, kernels)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(_render_page, jobs, chunksize=16))
 
 
 def _has_error(nb_path: Path) -> bool:
@@ -224,15 +255,18 @@ def build_report(out="outputs") -> Path:
                     + ("".join(study_rows) or '<tr><td colspan="5">none run yet</td></tr>') + "</table>")
 
     run_rows = []
-    for nb in sorted((out / "runs").glob("*/run.ipynb")):
+    run_nbs = sorted((out / "runs").glob("*/run.ipynb"))
+    errors = render_pages([(nb, rep / "runs" / f"{nb.parent.name}.html", "../index.html") for nb in run_nbs])
+    for nb, err in zip(run_nbs, errors):
         rd = RunDir(nb.parent)
         st = rd.status()
         if st is None:  # missing, unreadable or of the wrong shape: listed as damaged, with why
             st = {"status": "damaged", "error": rd.verify() or "status.json missing"}
         m = st.get("metrics") or {}
-        rel = page(nb, f"runs/{rd.id}.html")
-        if rel is None:
+        if err is not None:  # unreadable (e.g. cut short by a full disk): listed, the report goes on
+            unreadable.append(f"<li><code>{html.escape(str(nb))}</code>: {html.escape(err)}</li>")
             continue
+        rel = f"runs/{rd.id}.html"
         nums = [m.get(k) for k in ("best_val_acc", "test_acc_at_best_val")]
         acc = " / ".join(f"{v:.3f}" for v in nums) if all(isinstance(v, (int, float)) for v in nums) else ""
         extra = f" at step {html.escape(str(st['diverged_step']))}" if st.get("diverged_step") is not None else ""
@@ -336,19 +370,27 @@ def readme_table(out, old_block: str = "") -> str:
     return "\n".join(rows)
 
 
-def readme_verdicts(out="outputs", readme="README.md") -> str:
-    """Rewrite the block between README_BEGIN and README_END in `readme` with readme_table(out);
-    every byte outside the block is kept. Returns the new table. Raises ConfigError when the
-    markers are missing or out of order, or when verdicts are missing (nothing is written then)."""
+def rewrite_block(readme, begin_mark: str, end_mark: str, make) -> str:
+    """Rewrite the text between `begin_mark` and `end_mark` in the file `readme` with
+    make(old_block); every byte outside the block is kept. Returns the new block. Raises
+    ConfigError when the markers are missing or out of order (nothing is written then, nor when
+    `make` raises)."""
     readme = Path(os.fspath(readme)).expanduser()
     if not readme.is_file():
         raise ConfigError(f"readme={str(readme)!r}: not a file; pass the README.md to update")
     text = readme.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin or text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
-        raise ConfigError(f"readme={str(readme)!r}: needs exactly one {README_BEGIN!r} followed by one "
-                          f"{README_END!r} around the verdict table")
-    start = begin + len(README_BEGIN)
-    table = readme_table(out, text[start:end])
-    atomic_write(readme, (text[:start] + "\n" + table + "\n" + text[end:]).encode())
-    return table
+    begin, end = text.find(begin_mark), text.find(end_mark)
+    if begin < 0 or end < begin or text.count(begin_mark) != 1 or text.count(end_mark) != 1:
+        raise ConfigError(f"readme={str(readme)!r}: needs exactly one {begin_mark!r} followed by one "
+                          f"{end_mark!r} around the block it rewrites")
+    start = begin + len(begin_mark)
+    block = make(text[start:end])
+    atomic_write(readme, (text[:start] + "\n" + block + "\n" + text[end:]).encode())
+    return block
+
+
+def readme_verdicts(out="outputs", readme="README.md") -> str:
+    """Rewrite the verdict table between README_BEGIN and README_END in `readme` with
+    readme_table(out) (rewrite_block). Raises ConfigError when the markers are missing or out of
+    order, or when verdicts are missing (nothing is written then)."""
+    return rewrite_block(readme, README_BEGIN, README_END, lambda old: readme_table(out, old))

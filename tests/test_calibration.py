@@ -131,3 +131,32 @@ def test_bad_input_names_the_parameter_and_the_choices():
         C.simulate("p9", "quick", "half", np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"preset='huge'"):
         C.simulate("p1", "huge", "half", np.random.default_rng(0))
+
+
+def test_the_readme_calibration_table_is_computed_and_rewrites_only_its_block(tmp_path, monkeypatch, capsys):
+    """make readme's second half (scripts/readme_calibration.py), on few tables: one row per
+    study, a figure per claim and preset, every byte outside the block kept."""
+    import re
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "readme_calibration.py")
+    readme = tmp_path / "README.md"
+    text = "before\n<!-- calibration: from make readme -->\nold\n<!-- /calibration -->\nafter 5.0%\n"
+    readme.write_text(text)
+    monkeypatch.setattr(sys, "argv", [script, "--readme", str(readme), "--tables", "5"])
+    runpy.run_path(script, run_name="__main__")
+    assert "(5 studies, 5 null tables each)" in capsys.readouterr().out
+    new = readme.read_text()
+    assert new.startswith("before\n<!-- calibration: from make readme -->\n| study | quick preset")
+    assert new.endswith("<!-- /calibration -->\nafter 5.0%\n") and "old" not in new
+    rows = new.split("|---|---|---|\n")[1].split("\n<!--")[0].splitlines()
+    assert [r.split("|")[1].strip() for r in rows] == ["P1", "P2", "P3", "P4", "P5"]
+    for row, study in zip(rows, C.CLAIMS):
+        for cell in row.strip("|").split("|")[1:]:  # quick, paper: a figure pair per claim
+            assert len(re.findall(r"\d+\.\d% · \d+%", cell)) == len(C.CLAIMS[study])
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="readme_calibration: readme=.*needs exactly one"):
+        runpy.run_path(script, run_name="__main__")
+    assert readme.read_text() == "no markers\n"

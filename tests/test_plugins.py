@@ -258,3 +258,24 @@ def test_plugins_reach_dask_workers_and_a_worker_that_cannot_import_one_is_named
             run_study("wsgn", "tiny", out=tmp_path / "o2", scheduler=cluster.scheduler_address,
                       plugins=[str(EXAMPLE), "only_here_plugin"], analyze=False, progress=False)
         assert "cannot import the study's plugins" in str(e.value) and "tcp://127.0.0.1" in str(e.value)
+
+
+def test_the_readmes_plugin_snippet_runs_as_written(tmp_path):
+    """README's "Extending bnlib": its plugin file, as printed there, and its first command (the
+    CLI, with the plugin's own option and probe; tiny data in place of the default's)."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n# my_plugin.py\n", 1)[1].split("```", 1)[0]
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(code)
+    cmd = "python -m bnlib run --plugins my_plugin.py --norm my_norm --my_groups 2 --probes weight_norm"
+    assert cmd in text
+    tiny = [a for k, v in TINY.items() for a in (f"--{k}", str(v))]
+    try:
+        proc = subprocess.run([sys.executable, *cmd.split()[1:], *tiny, "--out_dir", str(tmp_path / "runs")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run = bnlib.load_runs(tmp_path / "runs")
+        assert run.runs["norm"].tolist() == ["my_norm"] and run.runs["my_groups"].tolist() == [2]
+        assert (run.probes["probe"] == "weight_norm").any() and (run.probes["value"] > 0).all()
+    finally:
+        _forget(plugin)

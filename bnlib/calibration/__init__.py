@@ -40,7 +40,7 @@ from .worlds import (BOOT, CLAIMS, NULL_TABLES, POWER_TABLES, SCENARIOS, SIGMA, 
                      _draw, _rng, _runs, _scenario, design, simulate)
 
 __all__ = ["Sigma", "Scenario", "Rate", "SIGMA", "CLAIMS", "SCENARIOS", "RULES", "BOOT", "NULL_TABLES", "POWER_TABLES",
-           "Design", "design", "simulate", "outcomes", "error_rate", "power", "calibration_table", "markdown", "main"]
+           "Design", "design", "simulate", "outcomes", "error_rate", "power", "calibration_table", "markdown", "summary_markdown", "main"]
 
 # --- outcomes and rates ---
 
@@ -162,6 +162,26 @@ def markdown(table: pd.DataFrame) -> str:
         lines.append(f"| {r['study']} | {r['preset']} | {r['claim']} | {pct(r['error rate'])} "
                      f"({pct(r['null supported'])} + {pct(r['null contradicted'])}){flag} | {pct(r['power'])} | "
                      f"{pct(r['null guarded'])} / {pct(r['power guarded'])} |")
+    return "\n".join(lines)
+
+
+# the README's words for a claim where its matching text (CLAIMS) is not a phrase a reader knows
+_LABELS = {("p1", "init"): "BN-init affine keeps ½ of the gain", ("p3", "ref"): "bn beats none"}
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """One row per study for the README: per claim, its error rate under the null and its power,
+    for each preset in `table` (docs/calibration.md has the full table)."""
+    presets = list(dict.fromkeys(table["preset"]))
+    lines = ["| study | " + " | ".join(f"{p} preset: errs under the null · power, per claim" for p in presets) + " |",
+             "|---" * (len(presets) + 1) + "|"]
+    for study, t in table.groupby("study", sort=False):
+        cells = []
+        for p in presets:
+            cells.append(" · ".join(f"{_LABELS.get((study, r['claim']), r['claim text'])} "
+                                    f"{100 * r['error rate']:.1f}% · {100 * r['power']:.0f}%"
+                                    for _, r in t[t["preset"] == p].iterrows()))
+        lines.append(f"| {study.upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ from .base import STUDIES, Preset, Study, get_study, register_study, study_names
 
 __all__ = ["Preset", "Study", "STUDIES", "register_study", "get_study", "study_names"]
 
-# Every module of this package but the registry is a study: importing it registers it. Found,
-# not listed; `study all` runs them in registration order (p3 imports p4, so: p1, p2, p4, p3, p5, as before).
-for _m in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base"):
+# Every module of this package but the registry and a study's tables (*_tables.py, imported by
+# their study) is a study: importing it registers it. Found, not listed; `study all` runs them in
+# registration order (p3 imports p4, so: p1, p2, p4, p3, p5).
+for _m in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.endswith("_tables")):
     importlib.import_module(f"{__name__}.{_m}")
