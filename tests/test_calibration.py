@@ -19,6 +19,8 @@ MIN_POWER = 0.5
 # design (the test then expects the low figure, and fails as a reminder once power rises)
 _EQUIV = "its equivalence part (|difference| < 0.02) needs an interval narrower than ±0.02, far below what "
 _SEEDS3 = "3 seeds: a t interval with 2 degrees of freedom spans ±4.3 standard errors"
+_P1_QUICK = ("2 seeds per batch-size cell (what make study's 30 minutes afford): a stratified t on 4 seeds with 2 "
+             "degrees of freedom, and the BN gain it attributes must itself be decided first")
 _RANKS = "10 arms × 3 seeds: the bootstrap interval of a difference of two rank correlations is wide"
 LOW_POWER = {
     ("p3", "quick", "beta"): _RANKS, ("p3", "paper", "beta"): _RANKS, ("p3", "paper", "lr_star"): _RANKS,
@@ -26,7 +28,7 @@ LOW_POWER = {
     ("p3", "paper", "ics_free"): _SEEDS3 + ", and both parts must hold",
     ("p3", "quick", "noisy"): _EQUIV + "3 seeds give (paired SD ≈ 0.065)",
     ("p3", "paper", "noisy"): _EQUIV + "3 seeds give (paired SD ≈ 0.065)",
-    ("p5", "quick", "noninf"): "5 seeds at the deepest net, paired SD ≈ 0.1 against a distance of 0.1",
+    ("p5", "quick", "noninf"): "3 seeds at the deepest net, paired SD ≈ 0.1 against a distance of 0.1",
     ("p4", "quick", "confined"): _EQUIV + "5 seeds give (paired SD ≈ 0.05: ±0.06)",
     ("p4", "paper", "confined"): _EQUIV + "3 seeds give",
     ("p4", "paper", "lr_star"): _SEEDS3 + "; on a half-decade sweep seeds often agree exactly (no interval)",
@@ -35,6 +37,8 @@ LOW_POWER = {
     ("p5", "paper", "batch"): _EQUIV + "3 seeds give (paired SD ≈ 0.1)",
     ("p5", "paper", "noninf"): _SEEDS3 + " at the deepest net",
     ("p5", "paper", "beats"): _SEEDS3 + " at the deepest net, and both parts must hold",
+    ("p5", "quick", "beats"): _SEEDS3 + " at the deepest net, and both parts must hold",
+    ("p1", "quick", "init"): _P1_QUICK, ("p1", "quick", "bn_minus"): _P1_QUICK, ("p1", "quick", "affine"): _P1_QUICK,
 }
 
 

@@ -127,11 +127,13 @@ def _p1_rules(d: Design, x: dict, need: set) -> dict:
     def contrast(w):  # (n, cells, S)
         return sum(c * a[:, d.g(arm)] for arm, c in w.items())
     bn_ok = _learns(a[:, d.g("bn")])
-    ref = _decide(_t(contrast({"bn": 1, "none": -1})), bn_ok & ~edge[:, np.r_[d.g("bn"), d.g("none")]].any(1))
+    e0 = _t(contrast({"bn": 1, "none": -1}))
+    ref = _decide(e0, bn_ok & ~edge[:, np.r_[d.g("bn"), d.g("none")]].any(1))
+    gain = _decide(e0, bn_ok) == SUP  # a BN gain to attribute: the reference without its edge guard
     out = {"ref": ref}
     for key, arm in (("init", "affine_bn_init"), ("bn_minus", "bn_minus"), ("affine", "affine")):
         e = _t(contrast({arm: 1, "bn": -0.5, "none": -0.5}))
-        out[key] = _decide(e, bn_ok & (ref == SUP) & ~edge[:, np.r_[d.g(arm), d.g("bn"), d.g("none")]].any(1))
+        out[key] = _decide(e, bn_ok & gain & ~edge[:, np.r_[d.g(arm), d.g("bn"), d.g("none")]].any(1))
     return out
 
 
