@@ -12,12 +12,19 @@ import functools
 import os
 from pathlib import Path
 
-from .plots import RUN_FIGURES_ENV
-
-__all__ = ["ROOT", "NOTEBOOKS", "KERNEL_REUSE", "ENGINE", "execute_notebook", "execute_shared_notebook",
+__all__ = ["ROOT", "NOTEBOOKS", "RUN_FIGURES_ENV", "run_figures", "KERNEL_REUSE", "ENGINE", "execute_notebook", "execute_shared_notebook",
            "shutdown_point_kernel"]
 
 ROOT = Path(__file__).resolve().parents[1]
+RUN_FIGURES_ENV = "BNLIB_RUN_FIGURES"
+
+
+def run_figures() -> bool:
+    """Whether run.ipynb draws its run's own two figures: yes, unless RUN_FIGURES_ENV is "0",
+    which the study runner's point kernels default to (_point_kernel): a study's notebook and the
+    summary draw every run's curves, and the two figures were most of a study run's notebook
+    overhead (docs/performance.md). `BNLIB_RUN_FIGURES=1 python -m bnlib study ...` draws them."""
+    return os.environ.get(RUN_FIGURES_ENV, "1") != "0"
 NOTEBOOKS = ROOT / "notebooks"
 
 

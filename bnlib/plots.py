@@ -6,7 +6,6 @@ user typed: norm, gamma0, ...), and returns the matplotlib Figure; notebooks onl
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -15,22 +14,11 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
-__all__ = ["run_figures", "RUN_FIGURES_ENV", "curves", "norm_drift", "norm_final_distribution", "acc_vs_batch", "acc_vs_lr", "arm_bars",
+__all__ = ["curves", "norm_drift", "norm_final_distribution", "acc_vs_batch", "acc_vs_lr", "arm_bars",
            "channel_distribution", "mark_diverged", "forest", "OUTCOME_COLOURS"]
 
 # the report's index uses the same three colours (bnlib.report.OUTCOME_CSS)
 OUTCOME_COLOURS = {"supported": "#1a7f37", "contradicted": "#b42318", "inconclusive": "#9a6700"}
-
-
-RUN_FIGURES_ENV = "BNLIB_RUN_FIGURES"
-
-
-def run_figures() -> bool:
-    """Whether run.ipynb draws its run's own figures: yes, unless RUN_FIGURES_ENV is "0", which
-    the study runner's kernels default to (bnlib.kernels): a study's notebook and the summary draw
-    every run's curves, and the two figures were most of a study run's notebook overhead
-    (docs/performance.md). `BNLIB_RUN_FIGURES=1 python -m bnlib study ...` draws them again."""
-    return os.environ.get(RUN_FIGURES_ENV, "1") != "0"
 
 
 def _theme():

@@ -305,11 +305,13 @@ def test_resolution_says_what_the_seeds_can_resolve():
 
 def test_p2_grid_is_the_papers_and_arms_differ_only_in_what_is_varied():
     s = get_study("p2")
-    for preset, n_seeds in (("quick", 5), ("paper", 15)):
+    # quick: the 4 arms its claims compare; paper: the whole γ₀ × c table and the input BN
+    for preset, n_seeds, want in (("quick", len(p2.QUICK_SEEDS), {p2.REFERENCE, (0.1, 1, "dataset"), p2.RECIPE,
+                                                                  p2.INPUT_BN}), ("paper", 15, set(p2.ARMS))):
         pts = s.points(preset)
-        assert len(pts) == len(p2.ARMS) * n_seeds == 11 * n_seeds
+        assert len(pts) == len(want) * n_seeds and len(set(p2.ARMS)) == 11 and n_seeds >= 3
         arms = {(p["gamma0"], round(1 / p["gamma_lr_mult"]), p["input_norm"]) for p in pts}
-        assert arms == set(p2.ARMS)
+        assert arms == want
         varied = {"gamma0", "gamma_lr_mult", "input_norm", "probes", "seed"}
         shared = [{k: v for k, v in p.items() if k not in varied} for p in pts]
         assert all(x == shared[0] for x in shared)

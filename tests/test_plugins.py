@@ -2,6 +2,7 @@
 follows their code; arms added to a paper's study; a plugin's own study with the generic notebook.
 Tiny real runs (synthetic data, ResNet-8 at width 1/4, a few hundred images)."""
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -267,11 +268,11 @@ def test_the_readmes_plugin_snippet_runs_as_written(tmp_path):
     code = text.split("```python\n# my_plugin.py\n", 1)[1].split("```", 1)[0]
     plugin = tmp_path / "my_plugin.py"
     plugin.write_text(code)
-    cmd = "python -m bnlib run --plugins my_plugin.py --norm my_norm --my_groups 2 --probes weight_norm"
+    cmd = "python -m bnlib run --plugins my_plugin.py --norm my_norm --my_groups 2 --probes '[weight_norm]'"
     assert cmd in text
     tiny = [a for k, v in TINY.items() for a in (f"--{k}", str(v))]
     try:
-        proc = subprocess.run([sys.executable, *cmd.split()[1:], *tiny, "--out_dir", str(tmp_path / "runs")],
+        proc = subprocess.run([sys.executable, *shlex.split(cmd)[1:], *tiny, "--out_dir", str(tmp_path / "runs")],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         run = bnlib.load_runs(tmp_path / "runs")
