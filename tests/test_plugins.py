@@ -266,8 +266,9 @@ def test_the_readmes_plugin_snippet_runs_as_written(tmp_path):
     CLI, with the plugin's own option and probe; tiny data in place of the default's)."""
     text = (ROOT / "README.md").read_text()
     code = text.split("```python\n# my_plugin.py\n", 1)[1].split("```", 1)[0]
+    study = text.split("```python\n# my_plugin.py, continued\n", 1)[1].split("```", 1)[0]
     plugin = tmp_path / "my_plugin.py"
-    plugin.write_text(code)
+    plugin.write_text(code + "\n\n" + study)
     cmd = "python -m bnlib run --plugins my_plugin.py --norm my_norm --my_groups 2 --probes '[weight_norm]'"
     assert cmd in text
     tiny = [a for k, v in TINY.items() for a in (f"--{k}", str(v))]
@@ -278,5 +279,10 @@ def test_the_readmes_plugin_snippet_runs_as_written(tmp_path):
         run = bnlib.load_runs(tmp_path / "runs")
         assert run.runs["norm"].tolist() == ["my_norm"] and run.runs["my_groups"].tolist() == [2]
         assert (run.probes["probe"] == "weight_norm").any() and (run.probes["value"] > 0).all()
+        # the study: its grid checked and planned (--plan trains nothing), as printed
+        assert "python -m bnlib study mine --plugins my_plugin.py" in text
+        plan = subprocess.run([sys.executable, "-m", "bnlib", "study", "mine", "--plugins", "my_plugin.py", "--plan",
+                               "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert plan.returncode == 0 and "18 runs" in plan.stdout, plan.stdout[-2000:] + plan.stderr[-2000:]
     finally:
         _forget(plugin)
