@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench.py
 
 # on a machine with a CUDA GPU: pytest -m cuda, bench's GPU rows, a P1 quick grid with
-# --runs-per-gpu and a resume after SIGKILL, in 8 minutes; outputs/gpu_check/summary.txt.
+# --runs-per-gpu and a resume after SIGKILL, each step under a timeout (475 s in all); outputs/gpu_check/summary.txt.
 # Without a GPU it says so and runs nothing.
 gpu-check: $(STAMP)
 	PY=$(PY) scripts/gpu_check.sh

@@ -24,7 +24,17 @@ from .plugins import from_env, parse, resolve
 from .config import load_plugins
 from .studies import STUDIES, Preset, Study, get_study
 
-__all__ = ["ArmSpec", "parse_arm", "with_arms", "prepare", "use_arms"]
+__all__ = ["ArmSpec", "parse_arm", "parse_arms", "with_arms", "prepare", "use_arms"]
+
+
+def parse_arms(value) -> list[str]:
+    """`arms` as a list: a list as given; a string split at each comma before a '+' (so a ladder
+    of its own, '+my_norm:0.01,0.04,0.16', stays one arm: '+a:0.01,0.1,+b@bn' is two)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [a.strip() for a in re.split(r",(?=\s*\+)", value) if a.strip()]
+    return [str(a) for a in value]
 
 _SPEC = re.compile(r"\+([A-Za-z_][A-Za-z0-9_]*)(?:@([A-Za-z_][A-Za-z0-9_]*)|:([^@]+))?")
 
@@ -141,7 +151,7 @@ def prepare(study, plugins=None, arms=None) -> tuple[Study, list[str]]:
     load_plugins(given)
     study = get_study(study) if isinstance(study, str) else study
     if arms:
-        study = with_arms(study, parse(arms) if isinstance(arms, str) else list(arms))
+        study = with_arms(study, parse_arms(arms))
     carried = list(given)
     sources = [study.source, *(NORMS[a.lstrip("+").split("@")[0].split(":")[0]].source for a in study.extra_arms)]
     for src in sources:
@@ -154,6 +164,6 @@ def prepare(study, plugins=None, arms=None) -> tuple[Study, list[str]]:
 def use_arms(name: str, arms) -> Study:
     """The CLI's form: the registered study `name` replaced, in this process, by itself with
     `arms` (so --plan and the runner see the arms by the study's name)."""
-    study = with_arms(get_study(name), parse(arms) if isinstance(arms, str) else list(arms))
+    study = with_arms(get_study(name), parse_arms(arms))
     STUDIES[name] = study
     return study

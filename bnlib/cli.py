@@ -13,7 +13,7 @@ from dataclasses import fields
 import yaml
 
 import bnlib.config as _config  # the module: RunConfig is rebuilt when plugins add parameters
-from .arms import use_arms
+from .arms import parse_arms, use_arms
 from .costplan import print_plan
 from .errors import ConfigError, RunLocked
 from .grid import run_all, run_study
@@ -237,7 +237,7 @@ def _main(argv) -> int:
             return 2
         cluster = {"kind": args["cluster"], **{k: args[k] for k in SLURM_FLAGS if args[k] is not None}}
         plugins = None if args["plugins"] is None else _plugin_list(args["plugins"])
-        arms = None if args["arms"] is None else _plugin_list(args["arms"])
+        arms = None if args["arms"] is None else parse_arms(args["arms"])
         if arms and args["name"] == "all":
             print(f"error: --arms {args['arms']!r}: adds arms to one study; name it (e.g. study p1 --arms ...)",
                   file=sys.stderr)

@@ -12,10 +12,11 @@ import functools
 import os
 from pathlib import Path
 
-__all__ = ["ROOT", "NOTEBOOKS", "RUN_FIGURES_ENV", "run_figures", "KERNEL_REUSE", "ENGINE", "execute_notebook", "execute_shared_notebook",
-           "shutdown_point_kernel"]
+__all__ = ["ROOT", "NOTEBOOKS", "RUN_FIGURES_ENV", "run_figures", "KERNEL_REUSE", "ENGINE", "execute_notebook",
+           "execute_shared_notebook", "shutdown_point_kernel"]
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
 RUN_FIGURES_ENV = "BNLIB_RUN_FIGURES"
 
 
@@ -25,7 +26,6 @@ def run_figures() -> bool:
     summary draw every run's curves, and the two figures were most of a study run's notebook
     overhead (docs/performance.md). `BNLIB_RUN_FIGURES=1 python -m bnlib study ...` draws them."""
     return os.environ.get(RUN_FIGURES_ENV, "1") != "0"
-NOTEBOOKS = ROOT / "notebooks"
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,7 +154,7 @@ def _point_kernel():
     if not k:
         km = _kernel_manager_class()(kernel_name="python3")
         # cuBLAS reads its workspace setting once, at the kernel's first CUDA use: set it at the start
-        # a grid point's notebook draws no figures of its own unless asked (bnlib.plots.run_figures)
+        # and a grid point's notebook draws no figures of its own unless asked (run_figures)
         run_sync(km.start_kernel)(cwd=str(ROOT), env={"CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE_CONFIG,
                                                       RUN_FIGURES_ENV: "0", **os.environ})
         k.update(km=km, uses=0, env=env)

@@ -91,14 +91,7 @@ def gpu_share(total: float, k: int = 1) -> float:
 def choose_runs_per_gpu(cfgs, total: float, cap: int = MAX_RUNS_PER_GPU) -> int:
     """The most runs of these configs that fit on one GPU of `total` bytes at once (the largest
     run's estimate, plus GPU_RESERVE_BYTES each), between 1 and `cap`."""
-    seen, need = set(), 0.0
-    for cfg in cfgs:
-        key = repr(tuple(cfg.get(k) for k in ("arch", "stem", "shortcut", "width", "batch_size", "dataset",
-                                         "synthetic_size", "n_train", "n_test", "checkpoint_blocks", "probes",
-                                         "probe_batch_size")))
-        if key not in seen:
-            seen.add(key)
-            need = max(need, sum(estimate_memory(cfg).values()))
+    need = max((sum(estimate_memory(cfg).values()) for cfg in cfgs), default=0.0)  # model_size is cached
     return max(1, min(int(cap), int(total // (need + GPU_RESERVE_BYTES))))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from .bn_variants import BatchRenorm2d, GhostBatchNorm2d, GroupNorm2d, NOISE_PER, NoisyBatchNorm2d
 from .ics_free import IcsFreeBatchNorm2d, StaleBatchNorm2d, attach_reference_pass
 from .params import Param
-from .plugins import entry_source, same_definition
+from .plugins import check_unique, entry_source
 
 __all__ = ["Affine2d", "BatchInitAffine2d", "NormSpec", "NORMS", "ROLES", "register_norm", "get_norm", "norm_names",
            "tag_norm"]
@@ -125,9 +125,7 @@ def register_norm(name: str, *, has_gamma: bool, has_beta: bool, batch_stats: bo
     plugin (bnlib.plugins): the entry then records the plugin's file and content hash."""
     def deco(build):
         source = entry_source(build)
-        if name in NORMS and not same_definition(NORMS[name].source, source):
-            where = (NORMS[name].source or {}).get("path", "bnlib")
-            raise ValueError(f"norm {name!r} is registered twice (first in {where}); choose another name")
+        check_unique("norm", NORMS, name, source)
         bad = {r for r in (param_roles or {}).values() if r not in ROLES}
         if bad:
             raise ValueError(f"norm {name!r}: param_roles {sorted(bad)} unknown; valid roles: {list(ROLES)}")

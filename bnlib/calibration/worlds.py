@@ -18,11 +18,17 @@ from ..studies import get_study
 from ..studies import p2 as P2
 from ..studies import p5 as P5
 
-__all__ = ["Sigma", "Scenario", "Design", "SIGMA", "CLAIMS", "SCENARIOS", "PENALTY", "NULL_TABLES", "POWER_TABLES",
+__all__ = ["Sigma", "Scenario", "Design", "SIGMA", "CLAIMS", "SCENARIOS", "PENALTY", "NULL_TABLES", "POWER_TABLES", "power_tables",
            "BOOT", "design", "simulate"]
 
 PENALTY = 0.15  # accuracy lost per rung away from the best: the middle rung is chosen on validation
-NULL_TABLES, POWER_TABLES = 500, 200
+NULL_TABLES = 500
+POWER_TABLES = NULL_TABLES * 2 // 5  # power_tables(NULL_TABLES)
+
+
+def power_tables(null_tables: int) -> int:
+    """Power tables beside `null_tables` null tables: 2/5 of them, at least 1."""
+    return max(1, null_tables * 2 // 5)
 BOOT = 1000  # bootstrap resamples per interval, both evaluators
 
 
@@ -286,7 +292,6 @@ SCENARIOS = {
 }
 
 
-# --- tables ---
 # --- tables ---
 
 def _draw(study: str, preset: str, scenario: Scenario, n: int, rng) -> dict:

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import conv_layers, meta_model
 from ..params import Param
-from ..plugins import entry_source, same_definition
+from ..plugins import check_unique, entry_source
 from ..rng import preserved
 
 __all__ = ["ProbeContext", "ProbeSpec", "PROBES", "register_probe", "probe_names", "probe_params", "parse_probes",
@@ -84,9 +84,7 @@ def register_probe(name: str, *, doc: str, default_every: int | None = None, par
 
     def deco(fn):
         source = entry_source(fn)
-        if name in PROBES and not same_definition(PROBES[name].source, source):
-            where = (PROBES[name].source or {}).get("path", "bnlib")
-            raise ValueError(f"probe {name!r} is registered twice (first in {where}); choose another name")
+        check_unique("probe", PROBES, name, source)
         for other in PROBES.values():
             if other.name == name:
                 continue  # one parameter, one declaration: RunConfig has one field for it
@@ -205,6 +203,10 @@ class ProbeRunner:
         names = self.due(step, epoch_end)
         if not names:
             return
+        if x.is_cuda and not epoch_end:
+            # mid-epoch, the queued training kernels belong to the epoch, not to this timer (whose
+            # seconds the epoch's img/s leaves out); at an epoch's end its timer has stopped already
+            torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
         with preserved(self.generators), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
             for name in names:

@@ -8,7 +8,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..plugins import entry_source, same_definition
+from ..plugins import check_unique, entry_source
 
 __all__ = ["Preset", "Study", "STUDIES", "register_study", "get_study", "study_names", "cell_seed"]
 
@@ -99,10 +99,7 @@ def register_study(study: Study) -> Study:
             src = entry_source(type("_", (), {"__module__": caller.get("__name__", "")})) if caller.get("__file__") \
                 else None
         study = dataclasses.replace(study, source=src)
-    if study.name in STUDIES and STUDIES[study.name].source != study.source \
-            and not same_definition(STUDIES[study.name].source, study.source):
-        where = (STUDIES[study.name].source or {}).get("path", "bnlib")
-        raise ValueError(f"study {study.name!r} is registered twice (first in {where}); choose another name")
+    check_unique("study", STUDIES, study.name, study.source)
     STUDIES[study.name] = study
     return study
 
