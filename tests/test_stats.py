@@ -215,7 +215,7 @@ def test_p1_cells_have_seeds_of_their_own_and_arms_share_them_within_a_cell():
         seeds = pts.groupby(P1.CELL)["seed"].apply(frozenset)
         assert all(a.isdisjoint(b) for i, a in enumerate(seeds) for b in seeds.iloc[i + 1:])
         per_arm = pts.groupby([*P1.CELL, "norm"])["seed"].apply(frozenset).groupby(level=P1.CELL).nunique()
-        n_rep = len(P1.STUDY.presets[preset].grid["replicate"])  # quick 2, paper 3
+        n_rep = len(P1.STUDY.presets[preset].grid["replicate"])  # 3 in both
         assert (per_arm == 1).all() and (pts.groupby(P1.CELL)["seed"].nunique() == n_rep).all() and n_rep >= 2
     from bnlib.studies.base import cell_seed
     assert cell_seed({"arch": "resnet18", "batch_size": 32}, 1) == cell_seed({"batch_size": 32, "arch": "resnet18"}, 1)

@@ -40,7 +40,8 @@ from .worlds import (BOOT, CLAIMS, NULL_TABLES, POWER_TABLES, SCENARIOS, power_t
                      _draw, _rng, _runs, _scenario, design, simulate)
 
 __all__ = ["Sigma", "Scenario", "Rate", "SIGMA", "CLAIMS", "SCENARIOS", "RULES", "BOOT", "NULL_TABLES", "POWER_TABLES",
-           "Design", "design", "simulate", "outcomes", "error_rate", "power", "calibration_table", "markdown", "summary_markdown", "main"]
+           "Design", "design", "simulate", "outcomes", "error_rate", "power", "calibration_table", "markdown", "summary_markdown",
+           "MARGIN_CLAIMS", "SPREADS", "margin_table", "margin_markdown", "main"]
 
 # --- outcomes and rates ---
 
@@ -73,13 +74,15 @@ def _resamples(n: int):
 
 
 @functools.lru_cache(maxsize=None)
-def outcomes(study: str, preset: str, scenario: str, n_tables: int, seed: int = 0, exact: tuple = ()) -> pd.DataFrame:
+def outcomes(study: str, preset: str, scenario: str, n_tables: int, seed: int = 0, exact: tuple = (),
+             spread: float = 1.0) -> pd.DataFrame:
     """One row per table of the scenario's draw of n_tables, one column per claim it calibrates:
     'supported', 'contradicted', 'inconclusive', 'guarded' (inconclusive by a guard, not the
     interval) or 'missing' (no verdict for the claim); decided by RULES, or with `exact` (table
-    numbers) those tables only, by the study's verdict function."""
+    numbers) those tables only, by the study's verdict function. `spread` scales the run-to-run
+    SDs (SIGMA) and leaves the effects as they are."""
     sc = _scenario(study, scenario)
-    x = _draw(study, preset, sc, n_tables, _rng(study, preset, sc.name, seed))
+    x = _draw(study, preset, sc, n_tables, _rng(study, preset, sc.name, seed), spread)
     if not exact:
         got = RULES[study](design(study, preset), x, set(sc.claims))
         return pd.DataFrame({k: pd.Series(got[k]).map(NAMES) for k in sc.claims})
@@ -107,31 +110,65 @@ class Rate:
         return self.supported + self.contradicted
 
 
-def _rate(study, preset, key, kind, n_tables, seed, exact=False) -> Rate:
+def _rate(study, preset, key, kind, n_tables, seed, exact=False, spread=1.0) -> Rate:
     _check_study(study)
     if key not in CLAIMS[study]:
         raise ValueError(f"claim_key={key!r} is not a claim of study {study!r}; valid choices: {sorted(CLAIMS[study])}")
     rates = []
     for sc in (s for s in SCENARIOS[study] if s.kind == kind and key in s.claims):
-        o = outcomes(study, preset, sc.name, n_tables, seed, tuple(range(n_tables)) if exact else ())[key]
+        o = outcomes(study, preset, sc.name, n_tables, seed, tuple(range(n_tables)) if exact else (), spread)[key]
         rates.append(Rate(*(o.eq(w).mean() for w in ("supported", "contradicted", "guarded")), len(o), sc.name,
                           o.eq("missing").mean()))
     return max(rates, key=lambda r: r.decided) if kind == "null" else min(rates, key=lambda r: r.supported)
 
 
 def error_rate(study: str, preset: str, claim_key: str, n_tables: int = NULL_TABLES, seed: int = 0,
-               exact: bool = False) -> Rate:
+               exact: bool = False, spread: float = 1.0) -> Rate:
     """The claim's verdict under its null scenario(s) (the effect at the threshold): shares of
     tables supported and contradicted (`decided`: their sum; the worst null where there are
     several, e.g. one per part of a compound claim)."""
-    return _rate(study, preset, claim_key, "null", n_tables, seed, exact)
+    return _rate(study, preset, claim_key, "null", n_tables, seed, exact, spread)
 
 
 def power(study: str, preset: str, claim_key: str, n_tables: int = POWER_TABLES, seed: int = 0,
-          exact: bool = False) -> Rate:
+          exact: bool = False, spread: float = 1.0) -> Rate:
     """The claim's verdict with the effect at twice the threshold distance: `supported` is the
     share decided in the claimed direction."""
-    return _rate(study, preset, claim_key, "power", n_tables, seed, exact)
+    return _rate(study, preset, claim_key, "power", n_tables, seed, exact, spread)
+
+
+# Claims whose threshold is an absolute margin, not a multiple of the run-to-run spread: their
+# power depends on that spread, which SIGMA takes from the quick presets (a few hundred steps on a
+# CPU). margin_table says how small the spread must be for the paper design to decide them.
+MARGIN_CLAIMS = {"p3": ("noisy",), "p4": ("confined",), "p5": ("noninf", "batch")}
+SPREADS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def margin_table(preset: str = "paper", studies=None, spreads=SPREADS, null_tables: int = NULL_TABLES,
+                 power_tables: int = POWER_TABLES, seed: int = 0) -> pd.DataFrame:
+    """Per margin claim and spread (a multiple of SIGMA): the paired SD of one replicate, the
+    error rate at the threshold and the power at twice its distance."""
+    rows = []
+    for study, keys in MARGIN_CLAIMS.items():
+        for key in keys if study in (studies or MARGIN_CLAIMS) else ():
+            for k in spreads:
+                e = error_rate(study, preset, key, null_tables, seed, spread=k)
+                p = power(study, preset, key, power_tables, seed, spread=k)
+                rows.append({"study": study, "preset": preset, "claim": key, "spread": k,
+                             "paired SD": SIGMA[study].scaled(k).pair, "error rate": e.decided, "power": p.supported})
+    return pd.DataFrame(rows)
+
+
+def margin_markdown(table: pd.DataFrame) -> str:
+    spreads = sorted(set(table["spread"]), reverse=True)
+    lines = ["| study | preset | claim | " + " | ".join(f"spread ×{k:g}: paired SD · errs · power" for k in spreads)
+             + " |", "|---" * (3 + len(spreads)) + "|"]
+    for (study, preset, claim), t in table.groupby(["study", "preset", "claim"], sort=False):
+        r = t.set_index("spread")
+        lines.append(f"| {study} | {preset} | {claim} | " + " | ".join(
+            f"{r.at[k, 'paired SD']:.3f} · {100 * r.at[k, 'error rate']:.1f}% · {100 * r.at[k, 'power']:.0f}%"
+            for k in spreads) + " |")
+    return "\n".join(lines)
 
 
 def calibration_table(studies=None, presets=("quick", "paper"), null_tables: int = NULL_TABLES,
@@ -192,9 +229,16 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", action="append", choices=["quick", "paper"], help="default both")
     ap.add_argument("--tables", type=int, default=NULL_TABLES, help="null tables per scenario (power: 2/5 of it)")
     ap.add_argument("--exact", action="store_true", help="decide each table with the study's verdicts (slow)")
+    ap.add_argument("--margins", action="store_true",
+                    help="the margin claims' error rate and power as the run-to-run spread shrinks (margin_table)")
     a = ap.parse_args(argv)
     if a.tables < 1:
         ap.error(f"--tables={a.tables}: must be >= 1")
+    if a.margins:
+        t = pd.concat([margin_table(p, a.study, null_tables=a.tables, power_tables=power_tables(a.tables))
+                       for p in a.preset or ("paper",)])
+        print(margin_markdown(t) if a.markdown else t.to_string(index=False, float_format="{:.3f}".format))
+        return 0
     t = calibration_table(a.study, a.preset or ("quick", "paper"), a.tables, power_tables(a.tables), exact=a.exact)
     print(markdown(t) if a.markdown else
           t.drop(columns=["claim text"]).to_string(index=False, float_format="{:.3f}".format))

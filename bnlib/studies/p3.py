@@ -75,15 +75,17 @@ PRESET_NOTES = {
              "set, 2 epochs at batch 64 (64 steps), 3 matched seeds; every arm with the same recipe, SkipInit (α = 0 "
              "at the end of each residual branch) and a half-epoch linear warm-up (QUICK_RECIPE: without it none "
              "and affine stay at chance); each arm on its own 3-rung ladder from a validation sweep on other seeds "
-             "(LR_LADDERS; a choice at a ladder's end makes a claim inconclusive); 90 runs; ICS on 2 of the 20 convs and the landscape at 2 step sizes, every arm at one step "
-             "(PROBE_LR = 0.04; η = 0.02, 0.08), at init and each epoch end. It can show whether the arms differ "
-             "in ICS and smoothness at one step along 64 steps, and BN's ICS against the ICS-free scheme's. Every "
+             "(LR_LADDERS; a choice at a ladder's end makes a claim inconclusive); 90 runs; ICS on 2 of the 20 "
+             "convs and the landscape at 2 step sizes, every arm at one step (PROBE_LR = 0.04; η = 0.02, 0.08), "
+             "on a 128-image probe batch, at init and each epoch end. It can show whether the arms differ in ICS "
+             "and smoothness at one step along 64 steps, and BN's ICS against the ICS-free scheme's. Every "
              "claim about accuracy is inconclusive (budget): 64 steps are under a tenth of the paper preset's; its "
              "statistics at this budget are in the sentence. It cannot show CIFAR-10 numbers or P3's own networks "
              "(no SkipInit). With 10 arms and 3 seeds a rank correlation's interval is wide.",
     "paper": "paper preset: CIFAR-10, ResNet18 (CIFAR stem) at full width, 60 epochs (21 060 steps), 5 learning rates "
-             "per arm (LR_LADDERS), 3 seeds, ICS and landscape every 200 steps at one common step for every arm "
-             "(PROBE_LR; bnlib's protocol: the paper publishes none).",
+             "per arm (LR_LADDERS), 5 seeds (3 leave its paired claims below 50% power: docs/calibration.md), "
+             "ICS and landscape every 200 steps at one common step for every arm (PROBE_LR; bnlib's protocol: "
+             "the paper publishes none).",
 }
 
 
@@ -284,7 +286,7 @@ STUDY = register_study(Study(
         "quick": _ladder_preset(
             dict(dataset="fashion_mnist", n_train=2048, val_fraction=0.02, n_test=1000, arch="resnet18", width=0.125,
                  epochs=2, batch_size=64, momentum=0.9, weight_decay=5e-4, schedule="cosine", crop_pad=0, log_every=4,
-                 eval_batch_size=500, bn_eval_stats="precise", precise_batches=4, probes=PROBES,
+                 eval_batch_size=500, bn_eval_stats="precise", precise_batches=4, probes=PROBES, probe_batch_size=128,
                  probe_ics_layers=QUICK_ICS_LAYERS, probe_ics_lr=PROBE_LR, probe_landscape_etas=QUICK_LANDSCAPE_ETAS,
                  **QUICK_RECIPE),
             LR_LADDERS["quick"], seeds=[0, 1, 2]),
@@ -292,7 +294,7 @@ STUDY = register_study(Study(
             dict(dataset="cifar10", arch="resnet18", width=1.0, epochs=60, batch_size=128, momentum=0.9,
                  weight_decay=5e-4, schedule="cosine", n_train=None, n_test=None, probes=PROBES, probe_every=200,
                  probe_ics_layers=ICS_LAYERS, probe_ics_lr=PROBE_LR, probe_landscape_etas=PAPER_LANDSCAPE_ETAS),
-            LR_LADDERS["paper"], seeds=[0, 1, 2]),
+            LR_LADDERS["paper"], seeds=[0, 1, 2, 3, 4]),
     },
 ))
 
