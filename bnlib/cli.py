@@ -17,6 +17,7 @@ from .arms import parse_arms, use_arms
 from .costplan import print_plan
 from .errors import ConfigError, RunLocked
 from .grid import run_all, run_study
+from .plugins import parse as parse_plugins
 from .records import FINISHED
 from .report import build_report
 from .studies import study_names
@@ -197,13 +198,7 @@ def _preload_plugins(argv: list[str]) -> None:
     built: their norms, probes, studies and parameters are then flags and names like bnlib's."""
     vals = [a.split("=", 1)[1] for a in argv if a.startswith("--plugins=")]
     vals += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--plugins"]
-    _config.load_plugins([p for v in vals for p in _plugin_list(_yaml_value(v))] if vals else None)
-
-
-def _plugin_list(v) -> list[str]:
-    from .plugins import parse
-
-    return parse(v) if isinstance(v, str) or v is None else [str(x) for x in v]
+    _config.load_plugins([p for v in vals for p in parse_plugins(_yaml_value(v))] if vals else None)
 
 
 def _main(argv) -> int:
@@ -236,7 +231,7 @@ def _main(argv) -> int:
             print(f"error: {bad}", file=sys.stderr)
             return 2
         cluster = {"kind": args["cluster"], **{k: args[k] for k in SLURM_FLAGS if args[k] is not None}}
-        plugins = None if args["plugins"] is None else _plugin_list(args["plugins"])
+        plugins = None if args["plugins"] is None else parse_plugins(args["plugins"])
         arms = None if args["arms"] is None else parse_arms(args["arms"])
         if arms and args["name"] == "all":
             print(f"error: --arms {args['arms']!r}: adds arms to one study; name it (e.g. study p1 --arms ...)",

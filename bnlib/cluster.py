@@ -19,8 +19,11 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError
 from .kernels import ROOT, shutdown_point_kernel
+from .memory import RUNS_PER_GPU_ENV, check_runs_per_gpu, choose_runs_per_gpu
 from .records import atomic_write
 
 __all__ = ["RETRIES", "SCHEDULER_TIMEOUT_S", "SHARED_TOKEN", "slurm_cluster", "gpu_resource", "resolve_runs_per_gpu"]
@@ -59,12 +62,8 @@ def resolve_runs_per_gpu(runs_per_gpu: int | None, preset: str, cfgs, local: boo
     """K runs per GPU: as given (checked: a whole number >= 1), else 1 for a paper preset or a
     cluster (the study process cannot see its GPUs), else on a machine with a GPU as many of the
     grid's runs as its memory estimate fits on the first GPU (bnlib.memory.choose_runs_per_gpu)."""
-    from .memory import check_runs_per_gpu, choose_runs_per_gpu
-
     if runs_per_gpu is not None:
         return check_runs_per_gpu(runs_per_gpu)
-    import torch
-
     if preset == "paper" or not local or not torch.cuda.is_available():
         return 1
     return choose_runs_per_gpu(cfgs, float(torch.cuda.get_device_properties(0).total_memory))
@@ -74,9 +73,7 @@ def _assign_gpu(gpus: list[str]) -> str:
     """On a LocalCluster worker: make this worker's GPU the only one its kernels see, and tell
     its runs how many workers share that GPU (their memory check's share). Worker names are
     0..n-1 and survive a restart by the nanny, so a worker keeps its GPU."""
-    from distributed import get_worker
-
-    from .memory import RUNS_PER_GPU_ENV
+    from distributed import get_worker  # on the Dask worker only
 
     gpu = gpus[int(get_worker().name) % len(gpus)]
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # the papermill kernel inherits this environment

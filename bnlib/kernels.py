@@ -12,6 +12,8 @@ import functools
 import os
 from pathlib import Path
 
+from .device import CUBLAS_WORKSPACE_CONFIG
+
 __all__ = ["ROOT", "NOTEBOOKS", "RUN_FIGURES_ENV", "run_figures", "KERNEL_REUSE", "ENGINE", "execute_notebook",
            "execute_shared_notebook", "shutdown_point_kernel"]
 
@@ -144,8 +146,6 @@ def _point_kernel():
     """This process's kernel for grid points, started on first use and restarted when it died,
     was used KERNEL_REUSE times, or the environment it must inherit (KERNEL_ENV) changed."""
     from jupyter_core.utils import run_sync
-
-    from .device import CUBLAS_WORKSPACE_CONFIG
 
     env = tuple(os.environ.get(v) for v in KERNEL_ENV)
     k = _KERNEL

@@ -354,8 +354,8 @@ def meta_model(cfg: dict, in_channels: int = 3) -> ResNet:
     return _meta_model(_key(cfg), in_channels)
 
 
-def create_model(arch: str = "resnet18", **kw) -> ResNet:
+def create_model(arch: str | ArchSpec = "resnet18", **kw) -> ResNet:
     """Build a ResNet by name, e.g. create_model('resnet56', norm='none', residual_gain=True),
-    create_model('wrn16_4', width=1.0, dropout=0.3)."""
-    spec = arch_spec(arch)
+    create_model('wrn16_4', width=1.0, dropout=0.3), or from an ArchSpec."""
+    spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
     return ResNet(spec.block, spec.layers, spec.widths, stem_width=spec.stem_width, **kw)

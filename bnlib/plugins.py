@@ -37,13 +37,14 @@ def _sha256(path: Path) -> str:
 
 
 def parse(value) -> list[str]:
-    """`plugins` as a list: a list as given; a string split on commas and os.pathsep (the
-    environment variable's and the CLI's form); None or '' -> []."""
+    """`plugins` as a list of strings: a list's items as strings (a YAML flag value may hold a
+    path object or a number); a string split on commas and os.pathsep (the environment
+    variable's and the CLI's form); None or '' -> []."""
     if value is None:
         return []
     if isinstance(value, str):
         return [s.strip() for part in value.split(os.pathsep) for s in part.split(",") if s.strip()]
-    return list(value)
+    return [str(x) for x in value]
 
 
 def from_env() -> list[str]:
