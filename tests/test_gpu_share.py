@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import dask
 import pytest
 import torch
 
@@ -145,6 +146,8 @@ def test_two_local_workers_share_one_gpu_at_the_same_time(tmp_path, monkeypatch)
         client = conn["client"]
         assert conn["gpus"] == ["0", "0"] and conn["submit"] == {"resources": {"GPU": 0.5}}
         assert [w["resources"] for w in client.scheduler_info()["workers"].values()] == [{"GPU": 0.5}] * 2
+        # bnlib's local workers run without Dask's profiler (no dashboard reads it)
+        assert set(client.run(lambda: dask.config.get("distributed.worker.profile.enabled")).values()) == {False}
         futs = [client.submit(timed_point, conn["gpus"], pure=False, **conn["submit"]) for _ in range(2)]
         a, b = (f.result(timeout=60) for f in futs)
     finally:
