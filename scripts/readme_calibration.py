@@ -3,8 +3,8 @@
 
     make readme
 
-Per study and preset, each claim's error rate with its effect exactly at the threshold (500
-tables) and its power at twice that distance (200 tables): bnlib.calibration.summary_markdown.
+Per study and preset, each claim's error rate with its effect exactly at the threshold (1 000
+tables) and its power at twice that distance (400 tables): bnlib.calibration.summary_markdown.
 docs/calibration.md has the full table (python -m bnlib.calibration --markdown).
 """
 import argparse
