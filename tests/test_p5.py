@@ -69,7 +69,7 @@ def test_preset_subgrids_are_a_union_of_products():
     # (2 seeds × 2 norms) + (2 seeds × 1 norm × 2 epochs) − the 2 points both sub-grids hold
     assert len(pts) == 6 and len({tuple(sorted(p.items())) for p in pts}) == 6
     assert s.axes("x") == ["seed", "norm", "epochs"]
-    assert len(get_study("p1").points("quick")) == 5 * 2 * 3 * 2  # no sub-grids: arms × batch sizes × rungs × seeds
+    assert len(get_study("p1").points("quick")) == 5 * 2 * 3 * 3  # no sub-grids: arms × batch sizes × rungs × seeds
 
 
 def test_p5_points_derive_alpha_from_the_arch_and_map_back_to_their_variant():
