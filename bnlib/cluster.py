@@ -187,8 +187,8 @@ def _connect(workers: int, scheduler: str | None, cluster: dict | None, retries:
         else:
             gpus = _gpu_slots(workers, runs_per_gpu)  # else every worker's run would land on the first GPU
             share = {"GPU": gpu_resource(runs_per_gpu)}
-            # no dashboard, so nothing reads the workers' statistical profiler (a stack sample
-            # every 10 ms): off, it left P2's quick grid 14% less worker CPU (docs/performance.md)
+            # no dashboard, so nothing reads the workers' statistical profiler: its stack sample
+            # every 10 ms takes CPU from the kernels beside it (docs/performance.md)
             with dask.config.set({"distributed.worker.profile.enabled": False}):
                 conn["cluster"] = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                dashboard_address=None, resources=share if gpus else None)

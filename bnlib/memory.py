@@ -23,7 +23,7 @@ from .device import resolve_device
 from .errors import ConfigError
 from .models import arch_spec, meta_model
 
-__all__ = ["estimate_memory", "memory_bound", "memory_limit", "model_size", "RUNS_PER_GPU_ENV", "GPU_RESERVE_BYTES",
+__all__ = ["estimate_memory", "memory_bound", "memory_limit", "model_size", "PLAIN_NET", "RUNS_PER_GPU_ENV", "GPU_RESERVE_BYTES",
            "MAX_RUNS_PER_GPU", "check_runs_per_gpu", "runs_per_gpu", "gpu_share", "choose_runs_per_gpu"]
 
 RUNS_PER_GPU_ENV = "BNLIB_RUNS_PER_GPU"
@@ -57,13 +57,17 @@ def _count(cfg: dict) -> tuple[int, int]:
     return sum(p.numel() for p in m.parameters()), n_act[0]
 
 
+# the plain BN net at width 1 (with the run's arch, stem and shortcut): the estimate scales its
+# counts by the run's width and batch
+PLAIN_NET = {"width": 1.0, "norm": "bn", "gamma0": 1.0, "zero_init_last_gamma": False, "residual_gain": False,
+             "alpha0": 0.0, "alpha_learnable": True, "conv_init": "kaiming_fan_in", "input_norm": "dataset",
+             "bn_eps": 1e-5, "bn_momentum": 0.1, "zero_bias": False, "dropout": 0.0, "fc_dropout": 0.0,
+             "conv_bias": False, "checkpoint_blocks": False}
+
+
 @functools.lru_cache(maxsize=64)
 def _model_size(arch: str, stem: str, shortcut: str) -> tuple[int, int] | None:
-    # the plain BN net at width 1: the estimate scales it by the run's width and batch
-    cfg = {"stem": stem, "shortcut": shortcut, "width": 1.0, "norm": "bn", "gamma0": 1.0,
-           "zero_init_last_gamma": False, "residual_gain": False, "alpha0": 0.0, "alpha_learnable": True,
-           "conv_init": "kaiming_fan_in", "input_norm": "dataset", "bn_eps": 1e-5, "bn_momentum": 0.1,
-           "zero_bias": False, "dropout": 0.0, "fc_dropout": 0.0, "conv_bias": False, "checkpoint_blocks": False}
+    cfg = {**PLAIN_NET, "stem": stem, "shortcut": shortcut}
     try:
         spec = arch_spec(arch)
         if sum(spec.layers) <= DIRECT_BLOCKS:

@@ -12,11 +12,7 @@ def test_a_deep_net_counted_from_shallow_ones_is_exact(arch, stem, shortcut):
     assert sum(arch_spec(arch).layers) > memory.DIRECT_BLOCKS  # the extrapolated path
     memory._model_size.cache_clear()
     got = memory._model_size(arch, stem, shortcut)
-    cfg = {"stem": stem, "shortcut": shortcut, "width": 1.0, "norm": "bn", "gamma0": 1.0,
-           "zero_init_last_gamma": False, "residual_gain": False, "alpha0": 0.0, "alpha_learnable": True,
-           "conv_init": "kaiming_fan_in", "input_norm": "dataset", "bn_eps": 1e-5, "bn_momentum": 0.1,
-           "zero_bias": False, "dropout": 0.0, "fc_dropout": 0.0, "conv_bias": False, "checkpoint_blocks": False}
-    assert got == memory._count({**cfg, "arch": arch_spec(arch)})
+    assert got == memory._count({**memory.PLAIN_NET, "stem": stem, "shortcut": shortcut, "arch": arch_spec(arch)})
     assert got[0] > 0 and got[1] > 0
 
 

@@ -22,13 +22,13 @@ __all__ = ["Sigma", "Scenario", "Design", "SIGMA", "CLAIMS", "SCENARIOS", "PENAL
            "BOOT", "design", "simulate"]
 
 PENALTY = 0.15  # accuracy lost per rung away from the best: the middle rung is chosen on validation
-NULL_TABLES = 1000  # the error rate's simulation noise: ±0.7% at 5% (500 tables gave 7.6% once where 2 000 gave 4.9%)
-POWER_TABLES = NULL_TABLES * 2 // 5  # power_tables(NULL_TABLES)
-
-
 def power_tables(null_tables: int) -> int:
     """Power tables beside `null_tables` null tables: 2/5 of them, at least 1."""
     return max(1, null_tables * 2 // 5)
+
+
+NULL_TABLES = 1000  # the error rate's simulation noise: ±0.7% at 5% (docs/calibration.md)
+POWER_TABLES = power_tables(NULL_TABLES)
 BOOT = 1000  # bootstrap resamples per interval, both evaluators
 
 
